@@ -1,0 +1,1 @@
+"""Long-tailed dataset builders, Parquet storage and class resampling."""

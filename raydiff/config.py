@@ -1,0 +1,320 @@
+"""Run configuration: frozen dataclasses, named presets, typed dotted overrides.
+
+A config is data: it is built from a preset, changed with ``section.key=value`` overrides
+(``--set`` on the command line) and round-trips through JSON. Nothing in it is executed.
+Every run folder and checkpoint stores the resolved config, so a run can be reproduced and
+a checkpoint refuses to load into a network of another shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raydiff.errors import RaydiffError
+
+METHODS = ("ddpm", "cbdm", "ccua")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DDPM UNet of Ho et al. (pytorch-ddpm / CBDM / CCUA), class-conditional."""
+
+    resolution: int = 32  # image side in pixels
+    in_channels: int = 3
+    num_classes: int = 10  # real classes; index num_classes is the learned null label
+    ch: int = 128  # base channels; the time embedding is 4 * ch wide
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)  # channel multiplier per resolution level
+    attn_resolutions: tuple[int, ...] = (16,)  # feature-map sides that get self-attention
+    num_res_blocks: int = 2  # residual blocks per level on the way down
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise process of DDPM: linear betas over T steps."""
+
+    num_timesteps: int = 1000  # T
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which objective to train and its weights (METHOD.md, "Losses")."""
+
+    method: str = "ccua"  # ddpm | cbdm | ccua
+    label_dropout: float = 0.1  # per-sample probability of the null label (CFG training)
+    ucl_weight: float = 1.0  # alpha: unsupervised contrastive loss
+    al_weight: float = 1.0  # gamma: conditional-unconditional alignment loss
+    temperature: float = 0.1  # UCL temperature tau
+    weight_power: float = 1.0  # p in w(t) = (t/T)^p * [t >= t_align]
+    t_align: int = 0  # 0 reproduces the released code
+    global_negatives: bool = False  # UCL negatives from all data-parallel workers
+    cbdm_tau: float = 1.0  # CBDM regulariser weight tau_cb
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule of the released code: Adam, warm-up, clip, EMA."""
+
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000  # linear warm-up, then constant
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    batch_size: int = 128  # global batch, split across workers
+    total_steps: int = 100_000
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampler used for previews and evaluation (released scripts: DDIM-100, w = 1.5)."""
+
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 100
+    eta: float = 0.0
+    guidance: float = 1.5  # CFG weight w in eps_c + w (eps_c - eps_u)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a run that is not the model, the objective or the optimiser."""
+
+    seed: int = 0
+    hflip: bool = True  # random horizontal flip
+    resample_factor: float = 0.0  # BRS f in (0, 1]; 0 = off (sample as the data comes)
+    log_every: int = 100  # steps between metric reports
+    ckpt_every: int = 5000  # steps between checkpoints
+    num_to_keep: int = 3  # checkpoints kept on storage
+    bf16: bool = False  # bf16 autocast (GPU)
+    channels_last: bool = False  # channels_last memory format (GPU)
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "cifar32"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# --- presets -------------------------------------------------------------------------------
+
+def _tiny() -> Config:
+    # Trains on 16-32 px in minutes on 2 CPU cores: for the demo and the tests.
+    return Config(
+        preset="tiny",
+        model=ModelConfig(resolution=16, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(8,),
+                          num_res_blocks=1, dropout=0.0),
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, batch_size=32, total_steps=300,
+                          ema_decay=0.99),
+        sample=SampleConfig(steps=20),
+        train=TrainConfig(log_every=10, ckpt_every=100),
+    )
+
+
+def _cifar32() -> Config:
+    # The paper's 32x32 network (about 35.9 M parameters with 10 classes), CIFAR-LT recipe.
+    return Config(preset="cifar32")
+
+
+def _imagenet64() -> Config:
+    # The same UNet family at 64x64 (TinyImageNet-LT, downsampled ImageNet-LT/Places-LT),
+    # with the released TinyImageNet-LT recipe: BRS 0.1, batch 128, 100k steps.
+    return Config(
+        preset="imagenet64",
+        model=ModelConfig(resolution=64, num_classes=200, ch_mult=(1, 2, 2, 2)),
+        train=TrainConfig(resample_factor=0.1),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "tiny": _tiny,
+    "cifar32": _cifar32,
+    "imagenet64": _imagenet64,
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise RaydiffError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --- validation ----------------------------------------------------------------------------
+
+def validate(cfg: Config) -> None:
+    """Reject values that no run could use, with the key and the value in the message."""
+    m, d, lo, o, s, t = cfg.model, cfg.diffusion, cfg.loss, cfg.optim, cfg.sample, cfg.train
+    checks = [
+        (lo.method in METHODS, "loss.method", lo.method, f"one of {', '.join(METHODS)}"),
+        (s.sampler in ("ddim", "ddpm"), "sample.sampler", s.sampler, "ddim or ddpm"),
+        (o.optimizer in ("adam", "adamw"), "optim.optimizer", o.optimizer, "adam or adamw"),
+        (m.resolution >= 8, "model.resolution", m.resolution, ">= 8"),
+        (m.resolution % 2 ** (len(m.ch_mult) - 1) == 0, "model.resolution", m.resolution,
+         f"divisible by 2^{len(m.ch_mult) - 1} (one halving per level of ch_mult)"),
+        (m.num_classes >= 1, "model.num_classes", m.num_classes, ">= 1"),
+        (m.ch % 32 == 0, "model.ch", m.ch, "a multiple of 32 (GroupNorm with 32 groups)"),
+        (len(m.ch_mult) >= 1, "model.ch_mult", m.ch_mult, "non-empty"),
+        (0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)"),
+        (d.num_timesteps >= 2, "diffusion.num_timesteps", d.num_timesteps, ">= 2"),
+        (0 < d.beta_start < d.beta_end < 1, "diffusion.beta_end", d.beta_end,
+         "above beta_start and below 1"),
+        (0.0 <= lo.label_dropout < 1.0, "loss.label_dropout", lo.label_dropout, "in [0, 1)"),
+        (lo.ucl_weight >= 0, "loss.ucl_weight", lo.ucl_weight, ">= 0"),
+        (lo.al_weight >= 0, "loss.al_weight", lo.al_weight, ">= 0"),
+        (lo.temperature > 0, "loss.temperature", lo.temperature, "> 0"),
+        (0 <= lo.t_align < d.num_timesteps, "loss.t_align", lo.t_align,
+         "in [0, diffusion.num_timesteps)"),
+        (o.lr > 0, "optim.lr", o.lr, "> 0"),
+        (o.batch_size >= 2, "optim.batch_size", o.batch_size, ">= 2 (UCL needs negatives)"),
+        (o.total_steps >= 1, "optim.total_steps", o.total_steps, ">= 1"),
+        (0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "in [0, 1)"),
+        (o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0"),
+        (1 <= s.steps <= d.num_timesteps, "sample.steps", s.steps,
+         "in [1, diffusion.num_timesteps]"),
+        (0.0 <= t.resample_factor <= 1.0, "train.resample_factor", t.resample_factor,
+         "in [0, 1] (0 = off)"),
+        (t.log_every >= 1, "train.log_every", t.log_every, ">= 1"),
+        (t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, ">= 1"),
+        (t.num_to_keep >= 1, "train.num_to_keep", t.num_to_keep, ">= 1"),
+    ]
+    for ok, key, value, expected in checks:
+        if not ok:
+            raise RaydiffError(f"config {key}={value!r} is invalid: expected {expected}")
+
+
+# --- overrides and JSON --------------------------------------------------------------------
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (a JSON value or an override string) to type ``tp`` or fail."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip().strip("()[]")
+            value = [v for v in (p.strip() for p in text.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise RaydiffError(f"config {key}={value!r} is invalid: expected a list")
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise RaydiffError(f"config {key}={value!r} is invalid: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RaydiffError(f"config {key}={value!r} is invalid: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise RaydiffError(f"config {key}={value!r} is invalid: expected an integer") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise RaydiffError(f"config {key}={value!r} is invalid: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RaydiffError(f"config {key}={value!r} is invalid: expected a number") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise RaydiffError(f"config {key}={value!r} is invalid: expected a string")
+        return value
+    raise TypeError(f"unsupported config field type {tp} for {key}")  # a bug, not bad input
+
+
+def _section_types() -> dict[str, type]:
+    return {name: tp for name, tp in _field_types(Config).items() if dataclasses.is_dataclass(tp)}
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return ``cfg`` with ``{"section.key": value}`` applied; unknown keys are errors."""
+    sections = _section_types()
+    changes: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in sections or not name:
+            raise RaydiffError(
+                f"unknown config key {key!r}: expected section.key with section one of "
+                f"{', '.join(sections)}")
+        types_ = _field_types(sections[section])
+        if name not in types_:
+            raise RaydiffError(
+                f"unknown config key {key!r}: {section} has {', '.join(types_)}")
+        changes.setdefault(section, {})[name] = _coerce(value, types_[name], key)
+    replaced = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in changes.items()}
+    return dataclasses.replace(cfg, **replaced)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Parse ``["model.ch=64", ...]`` (``--set`` arguments) into a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RaydiffError(f"override {item!r} is not of the form section.key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (JSON), rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise RaydiffError("config must be a JSON object")
+    data = dict(data)
+    base = preset(data.pop("preset", "cifar32"))
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise RaydiffError(f"unknown config key {section!r}")
+        flat.update({f"{section}.{k}": v for k, v in values.items()})
+    return apply_overrides(base, flat)
+
+
+def load_json(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RaydiffError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise RaydiffError(f"config file {path} line {err.lineno}: {err.msg}") from None
+    return from_dict(data)
+
+
+def resolve(preset_name: str = "cifar32", config_file: str | None = None,
+            overrides: list[str] | None = None) -> Config:
+    """Preset or config file, then ``--set`` overrides: the order the CLI applies them."""
+    cfg = load_json(config_file) if config_file else preset(preset_name)
+    return apply_overrides(cfg, parse_overrides(overrides or []))
+

@@ -1,0 +1,177 @@
+"""Training objectives: DDPM, CBDM and CCUA (UCL + AL), as small pure functions.
+
+The public functions take tensors, not models, so they can be used on any network:
+``timestep_weight``, ``denoising_loss``, ``ucl_loss``, ``alignment_loss``, ``cbdm_loss``.
+``compute_losses`` runs one forward pass of a raydiff UNet and returns every named term.
+Definitions follow METHOD.md, which follows the CCUA authors' released code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from raydiff.config import LossConfig
+from raydiff.diffusion import GaussianDiffusion
+
+
+def timestep_weight(t: torch.Tensor, T: int, power: float = 1.0, t_align: int = 0) -> torch.Tensor:
+    """w(t) = (t/T)^p * [t >= t_align]; t_align = 0, p = 1 is the released code's t/T."""
+    w = (t.float() / T) ** power
+    return torch.where(t >= t_align, w, torch.zeros_like(w))
+
+
+def drop_labels(y: torch.Tensor, null_label: int, p: float,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each label by the null label with probability p (CFG training).
+
+    Per-sample dropout is the DiT convention; returns (labels fed to the model, dropped mask).
+    """
+    dropped = torch.rand(y.shape, device=y.device, generator=generator) < p
+    return torch.where(dropped, torch.full_like(y, null_label), y), dropped
+
+
+def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """L_ddpm: mean over batch and pixels of (eps - eps_theta)^2."""
+    return _per_sample_mse(eps_pred, eps).mean()
+
+
+def _gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All rows of every data-parallel worker, gradients flowing back to their owners.
+
+    Workers may hold different numbers of rows (all_gather needs equal shapes), so rows are
+    padded to the largest count and cut again; ``offset`` is where this worker's rows start.
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    counts = [torch.zeros(1, dtype=torch.long, device=z.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([z.shape[0]], device=z.device))
+    counts = [int(c) for c in counts]
+    padded = F.pad(z, (0, 0, 0, max(counts) - z.shape[0]))
+    rows = all_gather(padded)
+    keys = torch.cat([r[:n] for r, n in zip(rows, counts)])
+    return keys, sum(counts[:rank])
+
+
+def ucl_loss(z: torch.Tensor, weight: torch.Tensor, temperature: float = 0.1,
+             global_negatives: bool = False) -> torch.Tensor:
+    """Unsupervised contrastive loss: InfoNCE whose positive is the sample itself.
+
+    l_i = -log( exp(1/tau) / (exp(1/tau) + sum_{j != i} exp(s_ij / tau)) ), s_ij the cosine
+    similarity of z_i and z_j, i.e. a pure repulsion between the samples of a batch.
+    Returns mean_i weight_i * l_i. ``z`` is (B, ...) with any shape after the batch dim.
+    With ``global_negatives`` and an initialised process group, the negatives are the rows of
+    every worker (all-gathered with gradients); every worker must then call this function.
+    """
+    z = F.normalize(z.flatten(1).float(), dim=1)
+    if global_negatives and dist.is_available() and dist.is_initialized():
+        keys, offset = _gather_with_grad(z)
+    else:
+        keys, offset = z, 0
+    n = z.shape[0]
+    if n == 0 or keys.shape[0] < 2:
+        return keys.sum() * 0.0  # no anchor or no negative; keeps the graph connected
+    # l_i = log(1 + sum_{j != i} exp((s_ij - 1) / tau)) = softplus(logsumexp_j (s_ij - 1) / tau):
+    # the same InfoNCE value, without the cancellation of logsumexp(...) - 1/tau in float32.
+    logits = (z @ keys.T - 1.0) / temperature
+    self_cols = torch.arange(n, device=z.device) + offset
+    is_self = F.one_hot(self_cols, keys.shape[0]).bool()
+    per_sample = F.softplus(torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1))
+    return (weight.float() * per_sample).mean()
+
+
+def alignment_loss(eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
+                   weight: torch.Tensor) -> torch.Tensor:
+    """AL: mean over batch and pixels of w(t_i) (eps_theta(x_t,t,y) - eps_theta(x_t,t,null))^2.
+
+    No stop-gradient on either branch (as released).
+    """
+    if eps_cond.shape[0] == 0:
+        return eps_cond.sum() * 0.0
+    return (weight.float() * _per_sample_mse(eps_cond, eps_uncond)).mean()
+
+
+def cbdm_loss(eps_y: torch.Tensor, eps_y_prime: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """CBDM regulariser (Qin et al. 2023) with y' drawn from the class prior:
+
+    mean_i w_i [ |eps(y) - sg(eps(y'))|^2 + 1/4 |sg(eps(y)) - eps(y')|^2 ], w_i = tau_cb t_i/T.
+    """
+    pull = _per_sample_mse(eps_y, eps_y_prime.detach())
+    push = _per_sample_mse(eps_y.detach(), eps_y_prime)
+    return (weight.float() * (pull + 0.25 * push)).mean()
+
+
+def _ccua_terms(model: nn.Module, x_t, t, y_in, dropped, eps, cfg: LossConfig,
+                T: int) -> dict[str, torch.Tensor]:
+    """One forward of B + n_u rows: the conditional batch plus the unconditional rows needed.
+
+    Rows with w(t) = 0 need no unconditional prediction. Rows whose label was dropped already
+    are unconditional: their conditional pass supplies their UCL features, and their AL term
+    is 0 by definition, so they are not run twice.
+    """
+    B = x_t.shape[0]
+    w = timestep_weight(t, T, cfg.weight_power, cfg.t_align)
+    active = w > 0
+    run_uncond = active & ~dropped
+    u_idx = run_uncond.nonzero().squeeze(1)
+    null = torch.full_like(u_idx, model_null_label(model))
+    eps_all, z_all = model(torch.cat([x_t, x_t[u_idx]]), torch.cat([t, t[u_idx]]),
+                           torch.cat([y_in, null]), return_features=True)
+    eps_c, eps_u = eps_all[:B], eps_all[B:]
+    z_c, z_u = z_all[:B], z_all[B:]
+    n_u, n_active = u_idx.numel(), int(active.sum())
+    # Terms are computed on the rows that need them, then rescaled to a mean over all B rows.
+    al = alignment_loss(eps_c[u_idx], eps_u, w[u_idx]) * (n_u / B)
+    z = z_c.index_put((u_idx,), z_u)[active]
+    ucl = ucl_loss(z, w[active], cfg.temperature, cfg.global_negatives) * (n_active / B)
+    ddpm = denoising_loss(eps_c, eps)
+    return {"loss": ddpm + cfg.ucl_weight * ucl + cfg.al_weight * al,
+            "ddpm": ddpm, "ucl": ucl, "al": al}
+
+
+def _cbdm_terms(model: nn.Module, x_t, t, y_in, eps, cfg: LossConfig, T: int,
+                class_prior: torch.Tensor, generator) -> dict[str, torch.Tensor]:
+    y_prime = torch.multinomial(class_prior.to(x_t.device), x_t.shape[0], replacement=True,
+                                generator=generator)
+    eps_y, eps_y_prime = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                               torch.cat([y_in, y_prime])).chunk(2)
+    ddpm = denoising_loss(eps_y, eps)
+    cb = cbdm_loss(eps_y, eps_y_prime, cfg.cbdm_tau * t.float() / T)
+    return {"loss": ddpm + cb, "ddpm": ddpm, "cbdm": cb}
+
+
+def model_null_label(model: nn.Module) -> int:
+    return getattr(model, "module", model).null_label
+
+
+def compute_losses(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor,
+                   y: torch.Tensor, cfg: LossConfig, class_prior: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Sample t and eps, noise x0 and return the named loss terms; ``"loss"`` is the total.
+
+    ``class_prior`` (probabilities over the real classes) is where CBDM draws y' from;
+    uniform when not given. ``model`` may be wrapped in DDP.
+    """
+    T = diffusion.num_timesteps
+    B = x0.shape[0]
+    t = torch.randint(0, T, (B,), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    x_t = diffusion.q_sample(x0, t, eps)
+    y_in, dropped = drop_labels(y, model_null_label(model), cfg.label_dropout, generator)
+    if cfg.method == "ccua" and (cfg.ucl_weight > 0 or cfg.al_weight > 0):
+        return _ccua_terms(model, x_t, t, y_in, dropped, eps, cfg, T)
+    if cfg.method == "cbdm":
+        if class_prior is None:
+            num_classes = model_null_label(model)
+            class_prior = torch.full((num_classes,), 1.0 / num_classes)
+        return _cbdm_terms(model, x_t, t, y_in, eps, cfg, T, class_prior, generator)
+    ddpm = denoising_loss(model(x_t, t, y_in), eps)
+    return {"loss": ddpm, "ddpm": ddpm}
+

@@ -1,0 +1,125 @@
+"""Checkpoints as folders of plain tensors plus the resolved config; loading runs no code.
+
+Layout of a checkpoint folder::
+
+    config.json          resolved Config (raydiff.config)
+    state.json           step and format version
+    model.safetensors    raw model weights
+    ema.safetensors      EMA weights (what one samples from)
+    optimizer.pt         optimizer state dict, read back with torch.load(weights_only=True)
+
+A folder is written under a temporary name and renamed when complete, so a crash never
+leaves a half-written checkpoint that looks valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from raydiff import config as config_lib
+from raydiff.config import Config, ModelConfig
+from raydiff.errors import RaydiffError
+
+FORMAT_VERSION = 1
+_REQUIRED = ("config.json", "state.json", "model.safetensors", "ema.safetensors")
+
+
+@dataclass
+class Checkpoint:
+    cfg: Config
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None  # None when loaded for sampling only
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(path: str | Path, cfg: Config, step: int, model: dict, ema: dict,
+                    optimizer: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically (temporary sibling, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(cfg.to_json())
+        (tmp / "state.json").write_text(json.dumps({"step": step, "format": FORMAT_VERSION}))
+        save_file(_contiguous(model), tmp / "model.safetensors")
+        save_file(_contiguous(ema), tmp / "ema.safetensors")
+        if optimizer is not None:
+            torch.save(optimizer, tmp / "optimizer.pt")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def describe_mismatch(found: ModelConfig, expected: ModelConfig) -> list[str]:
+    """``["model.ch: checkpoint 128, requested 64", ...]`` for every field that differs."""
+    return [f"model.{f.name}: checkpoint {getattr(found, f.name)!r}, "
+            f"requested {getattr(expected, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig)
+            if getattr(found, f.name) != getattr(expected, f.name)]
+
+
+def read_config(path: str | Path) -> Config:
+    """The resolved config of a checkpoint folder, after checking the folder is one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RaydiffError(f"checkpoint {path} does not exist or is not a folder")
+    missing = [name for name in _REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise RaydiffError(f"{path} is not a raydiff checkpoint: missing {', '.join(missing)}")
+    return config_lib.load_json(path / "config.json")
+
+
+def load_checkpoint(path: str | Path, expected: ModelConfig | None = None,
+                    with_optimizer: bool = True, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint folder. Refuses one whose model config differs from ``expected``."""
+    path = Path(path)
+    cfg = read_config(path)
+    if expected is not None and cfg.model != expected:
+        raise RaydiffError(f"checkpoint {path} does not match the requested model: "
+                           + "; ".join(describe_mismatch(cfg.model, expected)))
+    step = json.loads((path / "state.json").read_text())["step"]
+    try:
+        model = load_file(path / "model.safetensors", device=str(device))
+        ema = load_file(path / "ema.safetensors", device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise RaydiffError(f"checkpoint {path} has unreadable weights: {err}") from None
+    optimizer = None
+    if with_optimizer and (path / "optimizer.pt").is_file():
+        # weights_only=True: tensors and plain containers only, never arbitrary objects.
+        try:
+            optimizer = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise RaydiffError(f"{path / 'optimizer.pt'} refused: it holds more than tensors "
+                               f"({str(err).splitlines()[0]})") from None
+    return Checkpoint(cfg=cfg, step=int(step), model=model, ema=ema, optimizer=optimizer)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The ``checkpoint_<step>`` folder with the highest step under ``run_dir``, if any."""
+    candidates = []
+    for child in Path(run_dir).glob("checkpoint_*"):
+        suffix = child.name.removeprefix("checkpoint_")
+        if child.is_dir() and suffix.isdigit() and (child / "state.json").is_file():
+            candidates.append((int(suffix), child))
+    return max(candidates)[1] if candidates else None

@@ -1,0 +1,151 @@
+"""Network shapes, the training step, EMA and checkpoints, on CPU without Ray."""
+
+import pickle
+
+import pytest
+import torch
+
+from raydiff import config as config_lib
+from raydiff.checkpoint import latest_checkpoint, load_checkpoint
+from raydiff.engine import EMA, Engine, NonFiniteLossError, load_for_sampling, warmup_factor
+from raydiff.errors import RaydiffError
+from raydiff.samplers import sample_images
+from raydiff.unet import UNet, build_model, count_parameters
+
+
+def tiny(*overrides: str) -> config_lib.Config:
+    return config_lib.resolve("tiny", overrides=list(overrides))
+
+
+def test_cifar32_network_has_the_paper_size():
+    # METHOD.md: about 35.9 M parameters for 32x32 with 10 classes. Ours: 35,751,939 (the
+    # unconditional pytorch-ddpm UNet is 35.75 M; the label table adds 11 x 512).
+    n = count_parameters(build_model(config_lib.preset("cifar32").model))
+    assert n == 35_751_939
+    assert abs(n - 35.9e6) / 35.9e6 < 0.01
+
+
+@pytest.mark.parametrize("name,bottleneck", [("tiny", (64, 4, 4)), ("cifar32", (256, 4, 4)),
+                                             ("imagenet64", (256, 8, 8))])
+def test_presets_predict_eps_and_return_bottleneck(name, bottleneck):
+    cfg = config_lib.preset(name).model
+    model = build_model(cfg)
+    x = torch.randn(2, 3, cfg.resolution, cfg.resolution)
+    eps, z = model(x, torch.tensor([0, 999]), torch.tensor([0, cfg.num_classes]),
+                   return_features=True)
+    assert eps.shape == x.shape and tuple(z.shape[1:]) == bottleneck
+
+
+def test_null_label_is_a_learned_embedding_distinct_from_classes():
+    model = build_model(tiny().model)
+    assert model.label_emb.num_embeddings == model.cfg.num_classes + 1
+    assert model.null_label == model.cfg.num_classes
+
+
+def test_warmup_is_linear_then_constant():
+    assert [warmup_factor(s, 10) for s in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+
+
+def test_ema_update_formula():
+    model = build_model(tiny().model)
+    ema = EMA(model, decay=0.9)
+    before = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for p_ema, p0, p in zip(ema.model.parameters(), before, model.parameters()):
+        assert torch.allclose(p_ema, 0.9 * p0 + 0.1 * p)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def _fixed_batch(n=8, res=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, res, res, generator=g) * 2 - 1, torch.arange(n) % 4
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ccua"])
+def test_tiny_preset_overfits_a_few_images(method):
+    engine = Engine(tiny("optim.warmup_steps=5", f"loss.method={method}"))
+    x, y = _fixed_batch()
+    losses = [engine.train_step(x, y)["ddpm"] for _ in range(80)]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+def test_checkpoint_round_trip_is_exact_and_resumes_identically(tmp_path):
+    cfg = tiny("optim.warmup_steps=2", "loss.t_align=300")
+    x, y = _fixed_batch()
+    a = Engine(cfg)
+    for _ in range(3):
+        a.train_step(x, y)
+    a.save(tmp_path / "checkpoint_000003")
+    b = Engine(cfg)
+    b.load(tmp_path / "checkpoint_000003")
+    assert b.step == 3
+    for name, t in a.model.state_dict().items():
+        assert torch.equal(t, b.model.state_dict()[name]), name
+    for name, t in a.ema.model.state_dict().items():
+        assert torch.equal(t, b.ema.model.state_dict()[name]), name
+    # the next step draws the same noise and lands on the same weights
+    out_a, out_b = a.train_step(x, y), b.train_step(x, y)
+    assert out_a == out_b
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_000003"
+
+
+def test_checkpoint_loads_into_sampler(tmp_path):
+    engine = Engine(tiny())
+    engine.save(tmp_path / "ck")
+    model, cfg = load_for_sampling(tmp_path / "ck")
+    assert not model.training and cfg == engine.cfg
+    images = sample_images(model, engine.diffusion, [0, 1], [0, 1],
+                           config_lib.SampleConfig(steps=3))
+    assert images.shape == (2, 3, 16, 16)
+
+
+def test_loading_into_another_network_is_refused(tmp_path):
+    Engine(tiny()).save(tmp_path / "ck")
+    other = Engine(tiny("model.ch=64", "model.num_classes=7"))
+    expected = r"num_classes: checkpoint 10, requested 7; model\.ch: checkpoint 32, requested 64"
+    with pytest.raises(RaydiffError, match=expected):
+        other.load(tmp_path / "ck")
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(RaydiffError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RaydiffError, match="not a raydiff checkpoint: missing config.json"):
+        load_checkpoint(tmp_path / "empty")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_optimizer_file_with_code_is_never_unpickled(tmp_path, capsys):
+    Engine(tiny()).save(tmp_path / "ck")
+    (tmp_path / "ck" / "optimizer.pt").write_bytes(pickle.dumps({"state": _Exploit()}))
+    with pytest.raises(RaydiffError, match="refused"):
+        load_checkpoint(tmp_path / "ck")
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_non_finite_loss_names_step_and_term():
+    engine = Engine(tiny())
+    x, y = _fixed_batch()
+    engine.train_step(x, y)
+    with torch.no_grad():
+        engine.model.tail[-1].weight.fill_(float("nan"))
+    before = engine.ema.model.tail[-1].weight.clone()
+    with pytest.raises(NonFiniteLossError, match=r"step 1: .*ddpm=nan"):
+        engine.train_step(x, y)
+    assert engine.step == 1 and torch.equal(engine.ema.model.tail[-1].weight, before)
+
+
+def test_model_is_plain_unet_without_wrapper():
+    assert isinstance(Engine(tiny()).net, UNet)

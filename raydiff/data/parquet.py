@@ -1,0 +1,331 @@
+"""The on-disk format of a prepared dataset: Parquet shards plus dataset.json.
+
+Layout::
+
+    DIR/dataset.json              what DatasetInfo reads: classes, counts, files, how it was built
+    DIR/train/part-00000.parquet  long-tailed training split
+    DIR/reference/part-*.parquet  balanced reference split (FID and friends are measured on it)
+
+Each row holds ``image`` (PNG bytes, RGB, resolution x resolution), ``label`` (int64 class
+index) and ``source`` (where the image came from: a CIFAR index, a list-file path, ...). Rows
+are written in a seeded random order, so any contiguous run of rows (a Ray Data block, a
+shard) mixes classes as the whole split does.
+
+Reading works on local paths and on any URI pyarrow opens (``s3://``, ``gs://``, ...); writing
+is local only, because ``prepare`` relies on an atomic rename (copy the folder up afterwards).
+Nothing here imports Ray: ``ray.data.read_parquet(split_paths(dir, "train"))`` is the Ray side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raydiff.data.images import decode_images, decode_png, encode_arrays, encode_files
+from raydiff.data.longtail import DEFAULT_CHUNK_ROWS, SplitPlan
+from raydiff.errors import RaydiffError
+
+__all__ = [
+    "FORMAT_VERSION", "SPLITS", "INFO_FILE", "DatasetInfo", "load_info", "split_paths",
+    "read_split", "read_split_arrays", "decode_png", "decode_images", "decode_batch",
+    "write_split", "encode_pool",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "reference")
+INFO_FILE = "dataset.json"
+DEFAULT_ROWS_PER_SHARD = 4096
+SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+# PNG bytes do not compress further; the small label/source columns do.
+_COMPRESSION = {"image": "NONE", "label": "SNAPPY", "source": "SNAPPY"}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """dataset.json as a typed object: what training and evaluation need to know up front."""
+
+    source: str
+    class_names: tuple[str, ...]
+    train_counts: tuple[int, ...]
+    reference_counts: tuple[int, ...]
+    resolution: int
+    imbalance_ratio: float | None
+    seed: int
+    files: dict[str, tuple[str, ...]]
+    build: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def counts(self, split: str) -> tuple[int, ...]:
+        """Images per class in ``split`` (``train`` or ``reference``)."""
+        _check_split(split)
+        return self.train_counts if split == "train" else self.reference_counts
+
+    def num_images(self, split: str) -> int:
+        return sum(self.counts(split))
+
+    def to_json(self) -> dict:
+        counts = self.train_counts
+        measured = max(counts) / min(counts) if counts and min(counts) > 0 else None
+        return {
+            "format_version": self.format_version,
+            "source": self.source,
+            "resolution": self.resolution,
+            "channels": 3,
+            "image_format": "png",
+            "num_classes": self.num_classes,
+            "classes": [
+                {"label": c, "name": name, "train": n_train, "reference": n_ref}
+                for c, (name, n_train, n_ref) in enumerate(
+                    zip(self.class_names, self.train_counts, self.reference_counts)
+                )
+            ],
+            "splits": {
+                split: {"num_images": self.num_images(split), "files": list(self.files[split])}
+                for split in SPLITS
+            },
+            "imbalance_ratio": self.imbalance_ratio,
+            "measured_imbalance_ratio": measured,
+            "seed": self.seed,
+            "columns": {
+                "image": "PNG bytes, RGB",
+                "label": "int64 class index",
+                "source": "where the image came from",
+            },
+            "build": self.build,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> DatasetInfo:
+        """Parse dataset.json; a missing key or a newer format version is a clear error."""
+        try:
+            version = int(data["format_version"])
+            if version > FORMAT_VERSION:
+                raise RaydiffError(
+                    f"{where}: format_version {version} is newer than this raydiff reads "
+                    f"({FORMAT_VERSION}); upgrade raydiff"
+                )
+            classes = sorted(data["classes"], key=lambda entry: entry["label"])
+            ratio = data["imbalance_ratio"]
+            return cls(
+                source=str(data["source"]),
+                class_names=tuple(str(entry["name"]) for entry in classes),
+                train_counts=tuple(int(entry["train"]) for entry in classes),
+                reference_counts=tuple(int(entry["reference"]) for entry in classes),
+                resolution=int(data["resolution"]),
+                imbalance_ratio=None if ratio is None else float(ratio),
+                seed=int(data["seed"]),
+                files={s: tuple(data["splits"][s]["files"]) for s in SPLITS},
+                build=dict(data.get("build", {})),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise RaydiffError(f"{where}: not a raydiff dataset.json ({err!r})") from None
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise RaydiffError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def _is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def _filesystem(dataset_dir: str | Path) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for a local folder or a URI, and the folder's path inside it."""
+    if _is_uri(dataset_dir):
+        try:
+            return pafs.FileSystem.from_uri(str(dataset_dir))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise RaydiffError(f"cannot open {dataset_dir}: {err}") from None
+    return pafs.LocalFileSystem(), str(Path(dataset_dir).resolve())
+
+
+def _join(dataset_dir: str | Path, relative: str) -> str:
+    if _is_uri(dataset_dir):
+        return f"{str(dataset_dir).rstrip('/')}/{relative}"
+    return str(Path(dataset_dir).resolve() / relative)
+
+
+def load_info(dataset_dir: str | Path) -> DatasetInfo:
+    """The DatasetInfo of a prepared dataset (a folder or a URI)."""
+    fs, base = _filesystem(dataset_dir)
+    where = _join(dataset_dir, INFO_FILE)
+    try:
+        with fs.open_input_stream(f"{base}/{INFO_FILE}") as stream:
+            data = json.loads(stream.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise RaydiffError(f"{where} does not exist; run 'raydiff prepare' first") from None
+    except (OSError, ValueError) as err:
+        raise RaydiffError(f"cannot read {where}: {err}") from None
+    return DatasetInfo.from_json(data, where)
+
+
+def split_paths(dataset_dir: str | Path, split: str) -> list[str]:
+    """The Parquet shards of one split, as paths or URIs ``ray.data.read_parquet`` accepts."""
+    _check_split(split)
+    return [_join(dataset_dir, rel) for rel in load_info(dataset_dir).files[split]]
+
+
+def read_split(dataset_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
+    """One split as a single Arrow table (all of it in memory: for small splits and tests)."""
+    _check_split(split)
+    fs, base = _filesystem(dataset_dir)
+    paths = [f"{base}/{rel}" for rel in load_info(dataset_dir).files[split]]
+    if not paths:
+        return SCHEMA.empty_table()
+    return pq.read_table(paths, filesystem=fs, columns=columns, schema=SCHEMA)
+
+
+def read_split_arrays(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split decoded to (uint8 NHWC images, int64 labels), in stored row order."""
+    table = read_split(dataset_dir, split, columns=["image", "label"])
+    images = decode_images(table.column("image").to_pylist())
+    return images, table.column("label").to_numpy().astype(np.int64)
+
+
+def decode_batch(batch: dict) -> dict:
+    """A batch of rows with the ``image`` column decoded to uint8 NHWC; other columns kept.
+
+    Made for ``ray.data.Dataset.map_batches(decode_batch, batch_format="numpy")``: it builds
+    new arrays and never writes into the (read-only, zero-copy) input batch.
+    """
+    decoded = dict(batch)
+    decoded["image"] = decode_images(list(batch["image"]))
+    return decoded
+
+
+@contextmanager
+def encode_pool(workers: int) -> Iterator[Executor | None]:
+    """Worker processes for decoding and encoding, or None to work in this process.
+
+    Workers are spawned, not forked: the caller may hold threads (Ray, a torch pool) that a
+    fork would copy half-initialised. On an error, queued work is cancelled rather than
+    finished, so a bad image stops the run promptly.
+    """
+    if workers <= 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encode_job(chunk: SplitPlan) -> tuple[Callable, object]:
+    """The function that encodes a chunk and its input: module-level, so workers can run it."""
+    if chunk.images is not None:
+        return encode_arrays, chunk.images
+    return encode_files, chunk.files
+
+
+def _encoded_chunks(
+    plan: SplitPlan, resolution: int, pool: Executor | None, chunk_rows: int, in_flight: int
+) -> Iterator[tuple[SplitPlan, list[bytes]]]:
+    """Chunks of the plan with their PNG bytes, in order, at most ``in_flight`` queued at once.
+
+    The bound keeps memory flat: a queued chunk holds a copy of its pixels.
+    """
+    if pool is None:
+        for chunk in plan.chunks(chunk_rows):
+            function, payload = _encode_job(chunk)
+            yield chunk, function(payload, resolution)
+        return
+    pending: deque = deque()
+    for chunk in plan.chunks(chunk_rows):
+        pending.append((chunk, pool.submit(*_encode_job(chunk), resolution)))
+        if len(pending) >= in_flight:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
+
+
+class _ShardWriter:
+    """Collects encoded rows and writes a ``part-NNNNN.parquet`` shard each time one is full."""
+
+    def __init__(self, split_dir: Path, rows_per_shard: int) -> None:
+        self.split_dir = split_dir
+        self.rows_per_shard = rows_per_shard
+        self.names: list[str] = []
+        self.columns: tuple[list, list, list] = ([], [], [])
+
+    def add(self, images: list[bytes], labels: list[int], sources: list[str]) -> None:
+        for column, values in zip(self.columns, (images, labels, sources)):
+            column.extend(values)
+        while len(self.columns[0]) >= self.rows_per_shard:
+            self._write(self.rows_per_shard)
+
+    def close(self) -> list[str]:
+        """Write what is left (an empty split still gets one shard, so readers see its schema)."""
+        if self.columns[0] or not self.names:
+            self._write(len(self.columns[0]))
+        return self.names
+
+    def _write(self, rows: int) -> None:
+        name = f"part-{len(self.names):05d}.parquet"
+        images, labels, sources = (column[:rows] for column in self.columns)
+        table = pa.table(
+            {
+                "image": pa.array(images, pa.binary()),
+                "label": pa.array(labels, pa.int64()),
+                "source": pa.array(sources, pa.string()),
+            },
+            schema=SCHEMA,
+        )
+        pq.write_table(table, self.split_dir / name, compression=_COMPRESSION)
+        for column in self.columns:
+            del column[:rows]
+        self.names.append(name)
+        logger.info("%s: wrote %s (%d rows)", self.split_dir.name, name, rows)
+
+
+def write_split(
+    plan: SplitPlan,
+    split_dir: Path,
+    *,
+    resolution: int,
+    seed: int | tuple[int, ...],
+    pool: Executor | None = None,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    in_flight: int = 4,
+) -> list[str]:
+    """Encode a split into ``split_dir/part-NNNNN.parquet`` shards; returns their file names.
+
+    Rows are shuffled with ``numpy.random.default_rng(seed)`` first (see the module docstring).
+    """
+    if rows_per_shard < 1 or chunk_rows < 1:
+        raise RaydiffError(f"rows per shard must be at least 1, got {rows_per_shard}")
+    split_dir.mkdir(parents=True, exist_ok=False)
+    plan = plan.take(np.random.default_rng(seed).permutation(len(plan)))
+    writer = _ShardWriter(split_dir, rows_per_shard)
+    for chunk, encoded in _encoded_chunks(plan, resolution, pool, chunk_rows, in_flight):
+        writer.add(encoded, chunk.labels.tolist(), chunk.sources)
+    return writer.close()

@@ -1,0 +1,302 @@
+"""``raydiff prepare``: build a long-tailed training split and a balanced reference split.
+
+Sources and what they need:
+
+=============  ===============================  ===============================================
+source         input                            reference split (default, alternative)
+=============  ===============================  ===============================================
+shapes         nothing (drawn from --seed)      the balanced pool the train split is cut from
+cifar10/100    --root with the pickle folder    full training set; ``--reference test``
+imagenet-lt    --root images + split lists      ``--reference val`` list; ``test``
+places-lt      --root images + split lists      ``--reference val`` list; ``test``
+imagefolder    --root class-per-folder tree     the whole tree; ``--reference-root TREE``
+=============  ===============================  ===============================================
+
+The output appears all at once: everything is written into a hidden sibling of ``--out`` and
+renamed into place at the end, and any error removes the sibling, so a folder at ``--out``
+is always a complete dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import raydiff
+from raydiff.data import cifar, imagefiles, shapes
+from raydiff.data.longtail import BuiltSource
+from raydiff.data.parquet import (
+    DEFAULT_ROWS_PER_SHARD,
+    FORMAT_VERSION,
+    INFO_FILE,
+    SPLITS,
+    DatasetInfo,
+    encode_pool,
+    write_split,
+)
+from raydiff.errors import RaydiffError
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("shapes", "cifar10", "cifar100", "imagenet-lt", "places-lt", "imagefolder")
+_NEEDS_ROOT = {"cifar10", "cifar100", "imagenet-lt", "places-lt", "imagefolder"}
+_DEFAULT_RESOLUTION = {"shapes": 32, "cifar10": 32, "cifar100": 32}
+_FILE_RESOLUTION = 64  # list and folder sources: TinyImageNet's size; pass 256 for SiT runs
+_DEFAULT_IMBALANCE = {"cifar10": 100.0, "cifar100": 100.0, "shapes": shapes.DEFAULT_IMBALANCE_RATIO}
+# Options that mean something only for some sources; given elsewhere they are an error
+# rather than silently ignored.
+_APPLIES_TO = {
+    "imbalance_ratio": {"shapes", "cifar10", "cifar100", "imagefolder"},
+    "reference": {"cifar10", "cifar100", "imagenet-lt", "places-lt"},
+    "train_list": {"imagenet-lt", "places-lt"},
+    "reference_list": {"imagenet-lt", "places-lt"},
+    "reference_root": {"imagefolder"},
+    "num_classes": {"shapes", "imagenet-lt", "places-lt"},
+    "images_per_class": {"shapes", "imagefolder"},
+}
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything ``prepare`` needs; ``None`` means the source's default."""
+
+    source: str
+    out: Path
+    root: Path | None = None
+    imbalance_ratio: float | None = None
+    resolution: int | None = None
+    seed: int = 0
+    reference: str | None = None
+    train_list: str | None = None
+    reference_list: str | None = None
+    reference_root: Path | None = None
+    num_classes: int | None = None
+    images_per_class: int | None = None
+    workers: int = 1
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
+    overwrite: bool = False
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (respects affinity masks and container CPU sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``raydiff prepare`` (the CLI owns the parser, this module its contents)."""
+    parser.description = __doc__.split("\n\n")[0]
+    add = parser.add_argument
+    add("source", choices=SOURCES, help="which dataset to build")
+    add("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
+    add("--root", type=Path, help="input folder: CIFAR pickles, image root, or class tree")
+    add("--imbalance-ratio", type=float, help="n_max / n_min (cifar 100, shapes 10, tree: no cut)")
+    add("--resolution", type=int, help="output side in pixels (cifar/shapes 32, others 64)")
+    add("--seed", type=int, default=0, help="selection and row-order seed (0 = released code)")
+    add("--reference", help="cifar: train (default) or test; lists: val (default) or test")
+    add("--train-list", help="list file of the training split (default: standard name in --root)")
+    add("--reference-list", help="list file of the reference split (default: standard name)")
+    add("--reference-root", type=Path, help="imagefolder: balanced tree to use as reference")
+    add("--num-classes", type=int, help="shapes: kinds of object (10); lists: label range")
+    add("--images-per-class", type=int, help="n_max: shapes pool size (500); imagefolder cap")
+    add("--workers", type=int, default=default_workers(), help="decode/encode processes")
+    add("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD, help="rows per Parquet file")
+    add("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
+
+
+def options_from_args(args: argparse.Namespace) -> PrepareOptions:
+    fields = PrepareOptions.__dataclass_fields__
+    return PrepareOptions(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def _check_options(options: PrepareOptions) -> None:
+    source = options.source
+    for name, sources in _APPLIES_TO.items():
+        if getattr(options, name) is not None and source not in sources:
+            raise RaydiffError(f"--{name.replace('_', '-')} does not apply to source {source}")
+    if source in _NEEDS_ROOT and options.root is None:
+        raise RaydiffError(f"source {source} needs --root")
+    if options.resolution is not None and options.resolution < 1:
+        raise RaydiffError(f"--resolution must be positive, got {options.resolution}")
+    if options.seed < 0:
+        raise RaydiffError(f"--seed must be non-negative, got {options.seed}")
+    if options.rows_per_shard < 1:
+        raise RaydiffError(f"--rows-per-shard must be positive, got {options.rows_per_shard}")
+
+
+def build_source(options: PrepareOptions, resolution: int) -> BuiltSource:
+    """Read (or draw) the source and cut its splits; nothing is written yet."""
+    source, seed = options.source, options.seed
+    ratio = options.imbalance_ratio
+    if ratio is None:
+        ratio = _DEFAULT_IMBALANCE.get(source)
+    if source == "shapes":
+        return shapes.build_shapes(
+            num_classes=options.num_classes or shapes.DEFAULT_NUM_CLASSES,
+            images_per_class=options.images_per_class or shapes.DEFAULT_IMAGES_PER_CLASS,
+            imbalance_ratio=ratio,
+            resolution=resolution,
+            seed=seed,
+        )
+    if source in cifar.LAYOUTS:
+        return cifar.build_cifar(
+            source, options.root, imbalance_ratio=ratio, seed=seed,
+            reference=options.reference or "train",
+        )  # fmt: skip
+    if source in imagefiles.LIST_LAYOUTS:
+        return imagefiles.build_list_source(
+            source, options.root, train_list=options.train_list,
+            reference_list=options.reference_list, reference=options.reference or "val",
+            num_classes=options.num_classes,
+        )  # fmt: skip
+    return imagefiles.build_imagefolder(
+        options.root, reference_root=options.reference_root, imbalance_ratio=ratio,
+        images_per_class=options.images_per_class, seed=seed,
+    )  # fmt: skip
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to touch anything at ``--out`` but an empty folder or, with --overwrite, a dataset."""
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if out.is_dir() and overwrite and (out / INFO_FILE).is_file():
+        return
+    if out.is_dir() and overwrite:
+        raise RaydiffError(f"--out {out} is not a prepared dataset (no {INFO_FILE}); keeping it")
+    if out.is_dir():
+        raise RaydiffError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    if out.exists() or out.is_symlink():
+        raise RaydiffError(f"--out {out} exists and is not a folder")
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A hidden, unique sibling of ``out``: same filesystem, so renaming it is atomic."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _make_staging_dir(out: Path) -> Path:
+    """The folder everything is written into (created with the user's umask, like ``out``)."""
+    staging = _sibling(out, "tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as err:
+        raise RaydiffError(f"cannot write --out {out}: {err.strerror or err}") from None
+    return staging
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished folder to ``out``, replacing an empty folder or an old dataset."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = _sibling(out, "old")
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except OSError:
+        old.rename(out)  # put the previous dataset back rather than leave nothing
+        raise
+    shutil.rmtree(old)
+
+
+def _dataset_info(
+    built: BuiltSource, options: PrepareOptions, resolution: int, files: dict[str, list[str]]
+) -> DatasetInfo:
+    """dataset.json's content: the source's own build notes plus options, version and time."""
+    build = dict(built.build)
+    build.update(
+        row_order="shuffled with numpy.random.default_rng((seed, split index))",
+        options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        raydiff_version=raydiff.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return DatasetInfo(
+        source=built.source,
+        class_names=tuple(built.class_names),
+        train_counts=tuple(built.train.counts(built.num_classes)),
+        reference_counts=tuple(built.reference.counts(built.num_classes)),
+        resolution=resolution,
+        imbalance_ratio=built.imbalance_ratio,
+        seed=options.seed,
+        files={split: tuple(f"{split}/{name}" for name in files[split]) for split in SPLITS},
+        build=build,
+        format_version=FORMAT_VERSION,
+    )
+
+
+def _write_dataset(
+    built: BuiltSource, options: PrepareOptions, resolution: int, staging: Path
+) -> DatasetInfo:
+    """Both splits' shards, then dataset.json (last, so its presence means the rest is there)."""
+    files = {}
+    with encode_pool(options.workers) as pool:
+        for index, split in enumerate(SPLITS):
+            plan = built.train if split == "train" else built.reference
+            logger.info("encoding %s split: %d images", split, len(plan))
+            files[split] = write_split(
+                plan, staging / split, resolution=resolution, seed=(options.seed, index),
+                pool=pool, rows_per_shard=options.rows_per_shard, in_flight=2 * options.workers,
+            )  # fmt: skip
+    info = _dataset_info(built, options, resolution, files)
+    (staging / INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    return info
+
+
+def prepare_dataset(options: PrepareOptions) -> DatasetInfo:
+    """Build the dataset described by ``options`` at ``options.out``, atomically."""
+    _check_options(options)
+    out = options.out.expanduser().absolute()
+    _check_output(out, options.overwrite)
+    resolution = options.resolution or _DEFAULT_RESOLUTION.get(options.source, _FILE_RESOLUTION)
+    built = build_source(options, resolution)
+    staging = _make_staging_dir(out)
+    try:
+        info = _write_dataset(built, options, resolution, staging)
+        _move_into_place(staging, out)
+    except BrokenProcessPool:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RaydiffError(
+            "a worker process died while encoding images (out of memory, or a script that "
+            "calls prepare without an `if __name__ == '__main__':` guard); retry with --workers 1"
+        ) from None
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        where = err.filename or out
+        raise RaydiffError(f"cannot write {where}: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return info
+
+
+def summary(info: DatasetInfo, out: Path, seconds: float) -> str:
+    """A few lines for people: what was built, where, and how long it took."""
+    lines = [f"prepared {info.source} at {out} in {seconds:.1f} s ({info.resolution} px)"]
+    for split in SPLITS:
+        counts = info.counts(split)
+        lines.append(
+            f"  {split:<9} {sum(counts):>7} images, {info.num_classes} classes, "
+            f"{max(counts)} .. {min(counts)} per class"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The CLI entry point: prepare, then print a short summary."""
+    options = options_from_args(args)
+    start = time.perf_counter()
+    info = prepare_dataset(options)
+    print(summary(info, options.out, time.perf_counter() - start))
+    return 0

@@ -27,7 +27,7 @@ def ray_local():
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False)
     try:
         yield ray
     finally:

@@ -82,6 +82,20 @@ def test_images_and_labels_survive_the_round_trip(make_cifar, tmp_path):
     assert len(load_info(out).files["reference"]) == 4  # 200 rows in shards of 64
 
 
+def test_resized_cifar_is_the_same_with_worker_processes(make_cifar, tmp_path):
+    make_cifar(tmp_path / "src", "cifar10", np.repeat(np.arange(10), 10), np.arange(10))
+    tables = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        assert main(["prepare", "cifar10", "--root", str(tmp_path / "src"), "--out", str(out),
+                     "--imbalance-ratio", "5", "--resolution", "40",
+                     "--workers", workers]) == 0  # fmt: skip
+        tables.append(read_split(out, "reference"))
+    assert tables[0].equals(tables[1])
+    images, _ = read_split_arrays(tmp_path / "out2", "train")
+    assert images.shape == (46, 40, 40, 3)
+
+
 def test_pixels_are_unpacked_as_torchvision_does(make_cifar, tmp_path):
     folder = make_cifar(tmp_path, "cifar10", np.arange(10), np.arange(10))
     raw = load_pickle(folder / "data_batch_1")[b"data"]

@@ -154,3 +154,11 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_dataset(capsys, tmp_pat
     code = main(["prepare", "shapes", "--out", str(out), "--overwrite"])
     assert code == 2 and "not a prepared dataset" in capsys.readouterr().err
     assert (out / "thesis.tex").exists()
+
+
+def test_truncated_cifar_pickle(capsys, work, tmp_path, make_cifar):
+    folder = make_cifar(tmp_path / "src", "cifar10", np.repeat(np.arange(10), 3), np.arange(10))
+    batch = folder / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    message = fails(capsys, work, "cifar10", "--root", str(tmp_path / "src"))
+    assert f"{batch}: not a CIFAR pickle" in message

@@ -96,7 +96,12 @@ def default_workers() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``raydiff prepare`` (the CLI owns the parser, this module its contents)."""
-    parser.description = __doc__.split("\n\n")[0]
+    parser.description = (
+        "Build a long-tailed training split and a balanced reference split as Parquet shards "
+        "plus dataset.json. Sources: shapes (built in, no input), cifar10/cifar100 (--root with "
+        "the pickle folder), imagenet-lt/places-lt (--root with the images and split lists), "
+        "imagefolder (--root with one subfolder per class)."
+    )
     add = parser.add_argument
     add("source", choices=SOURCES, help="which dataset to build")
     add("--out", type=Path, required=True, help="output folder (must not exist or be empty)")

@@ -92,6 +92,7 @@ class TrainConfig:
     log_every: int = 100  # steps between metric reports
     ckpt_every: int = 5000  # steps between checkpoints
     num_to_keep: int = 3  # checkpoints kept on storage
+    preview_per_class: int = 8  # EMA samples per class in the grid saved with a checkpoint
     bf16: bool = False  # bf16 autocast (GPU)
     channels_last: bool = False  # channels_last memory format (GPU)
 
@@ -196,6 +197,7 @@ def validate(cfg: Config) -> None:
         (t.log_every >= 1, "train.log_every", t.log_every, ">= 1"),
         (t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, ">= 1"),
         (t.num_to_keep >= 1, "train.num_to_keep", t.num_to_keep, ">= 1"),
+        (t.preview_per_class >= 0, "train.preview_per_class", t.preview_per_class, ">= 0"),
     ]
     for ok, key, value, expected in checks:
         if not ok:

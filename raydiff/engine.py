@@ -25,7 +25,7 @@ from raydiff.unet import UNet, build_model
 
 
 class NonFiniteLossError(RaydiffError):
-    """A loss term became NaN or infinite; training stops before the weights are touched."""
+    """A loss term or the gradient became NaN or infinite; the weights were not updated."""
 
 
 class EMA:
@@ -106,20 +106,23 @@ class Engine:
             terms = compute_losses(self.net, self.diffusion, x0, y, self.cfg.loss,
                                    self.class_prior, self.generator)
         values = {name: float(v.detach()) for name, v in terms.items()}
-        bad = [name for name, v in values.items() if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step}: "
-                + ", ".join(f"{name}={values[name]}" for name in bad))
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   clip if clip > 0 else float("inf"))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                         clip if clip > 0 else float("inf")))
+        # The gradients are already averaged over workers, so a NaN on any one of them shows
+        # in every worker's grad_norm and all stop at the same step, weights untouched.
+        bad = {name: v for name, v in values.items() if not math.isfinite(v)}
+        if bad or not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            named = bad or {"grad_norm": grad_norm}
+            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: " + ", ".join(
+                f"{name}={value}" for name, value in named.items()))
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
-        return {**values, "lr": lr, "grad_norm": float(grad_norm)}
+        return {**values, "lr": lr, "grad_norm": grad_norm}
 
     # -- checkpoints -------------------------------------------------------------------------
 

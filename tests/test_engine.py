@@ -142,7 +142,7 @@ def test_non_finite_loss_names_step_and_term():
     with torch.no_grad():
         engine.model.tail[-1].weight.fill_(float("nan"))
     before = engine.ema.model.tail[-1].weight.clone()
-    with pytest.raises(NonFiniteLossError, match=r"step 1: .*ddpm=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 2: .*ddpm=nan"):
         engine.train_step(x, y)
     assert engine.step == 1 and torch.equal(engine.ema.model.tail[-1].weight, before)
 

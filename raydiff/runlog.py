@@ -1,0 +1,103 @@
+"""What a training run leaves for people: metrics.jsonl, TensorBoard events, sample grids,
+and a one-line progress report with an ETA. Written by rank 0 only."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from raydiff.config import Config
+from raydiff.diffusion import GaussianDiffusion
+from raydiff.samplers import sample_images, to_uint8
+
+logger = logging.getLogger("raydiff.train")
+
+_PROGRESS_KEYS = ("loss", "ddpm", "ucl", "al", "cbdm")
+
+
+def _ensure_console_logging() -> None:
+    # Ray workers start without logging handlers; their stderr is forwarded to the driver.
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class RunLog:
+    def __init__(self, log_dir: str | Path, cfg: Config, start_step: int):
+        from tensorboardX import SummaryWriter
+
+        _ensure_console_logging()
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(cfg.to_json())
+        self.metrics = (self.dir / "metrics.jsonl").open("a")
+        self.tb = SummaryWriter(str(self.dir))
+        self.start_step, self.start_time = start_step, time.monotonic()
+
+    def write(self, metrics: dict[str, float], total_steps: int) -> None:
+        step = int(metrics["step"])
+        self.metrics.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        self.metrics.flush()
+        for name, value in metrics.items():
+            if name != "step":
+                self.tb.add_scalar(f"train/{name}", value, step)
+        logger.info(self.progress_line(metrics, total_steps))
+
+    def progress_line(self, metrics: dict[str, float], total_steps: int) -> str:
+        step = int(metrics["step"])
+        done = step - self.start_step
+        elapsed = time.monotonic() - self.start_time
+        eta = (total_steps - step) * elapsed / done if done > 0 else float("nan")
+        eta_text = str(datetime.timedelta(seconds=round(eta))) if np.isfinite(eta) else "?"
+        terms = " ".join(f"{k} {metrics[k]:.4f}" for k in _PROGRESS_KEYS if k in metrics)
+        return (f"step {step}/{total_steps} ({100 * step / total_steps:.0f}%) {terms} "
+                f"lr {metrics.get('lr', 0):.2e} {metrics.get('images_per_s', 0):.0f} img/s "
+                f"ETA {eta_text}")
+
+    def add_image(self, grid: np.ndarray, step: int) -> None:
+        Image.fromarray(grid).save(self.dir / f"samples_{step:09d}.png")
+        self.tb.add_image("samples", grid, step, dataformats="HWC")
+
+    def error(self, message: str) -> None:
+        logger.error(message)
+        self.metrics.write(json.dumps({"time": time.time(), "error": message}) + "\n")
+        self.metrics.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.tb.close()
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 image, ``columns`` per row, ``pad`` px of white between."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+             pad + col * (w + pad):pad + col * (w + pad) + w] = image
+    return grid
+
+
+def save_class_grid(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: Config,
+                    class_order: Sequence[int], path: str | Path) -> np.ndarray:
+    """EMA samples, one row per class in ``class_order`` (head to tail), fixed seeds."""
+    per_class = cfg.train.preview_per_class
+    labels = [int(c) for c in class_order for _ in range(per_class)]
+    seeds = list(range(len(labels)))  # the same noise at every checkpoint: progress is visible
+    images = to_uint8(sample_images(model, diffusion, labels, seeds, cfg.sample))
+    grid = image_grid(images, per_class)
+    Image.fromarray(grid).save(path)
+    return grid

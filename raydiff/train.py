@@ -1,0 +1,380 @@
+"""Distributed training on Ray Train: DDP workers fed by a Ray Data pipeline.
+
+The driver (``run_training``) checks the request before any worker starts, builds the
+pipeline (Parquet -> optional BRS -> PNG decode + flips) and fits a ``TorchTrainer``. Each
+worker (``train_loop_per_worker``) runs the core ``Engine``: it resumes from the latest
+checkpoint Ray hands it, reports every ``train.log_every`` steps and writes a checkpoint every
+``train.ckpt_every`` steps (rank 0 writes the files; every rank reports, since a report is a
+barrier). Re-running with the same ``storage`` and ``name`` resumes; a worker that dies is
+restarted from the latest checkpoint up to ``max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from raydiff import config as config_lib
+from raydiff.checkpoint import describe_mismatch
+from raydiff.config import Config
+from raydiff.data import parquet
+from raydiff.data.resample import class_ranks, repeat_rates, resample_rows
+from raydiff.engine import Engine, NonFiniteLossError
+from raydiff.errors import RaydiffError
+from raydiff.runlog import RunLog, save_class_grid
+
+logger = logging.getLogger(__name__)
+
+_SHUFFLE_BUFFER_BATCHES = 4  # local shuffle buffer, in per-worker batches
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything ``run_training`` needs; the CLI and ``jobs/train.py`` build one."""
+
+    data: str
+    cfg: Config
+    storage: str
+    name: str
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+
+# --- driver-side checks ---------------------------------------------------------------------
+
+def fit_config_to_data(cfg: Config, info: parquet.DatasetInfo) -> Config:
+    """Take the class count and resolution from the dataset the run trains on."""
+    model = dataclasses.replace(cfg.model, num_classes=info.num_classes,
+                                resolution=info.resolution)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def run_dir(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+_RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _open_run_file(storage: str, name: str, filename: str):
+    import pyarrow.fs as pafs
+
+    path = f"{run_dir(storage, name)}/{filename}"
+    if _is_uri(storage):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs.open_input_stream(inner)
+    return open(path, "rb")
+
+
+def _latest_registered(storage: str, name: str) -> tuple[str, int] | None:
+    """(folder name, step) of the newest checkpoint Ray Train registered for a run.
+
+    Ray's checkpoint snapshot, not a directory listing, is the record of complete checkpoints
+    and of what Ray resumes from: a folder whose upload was cut short is never registered.
+    """
+    try:
+        with _open_run_file(storage, name, _RAY_SNAPSHOT) as stream:
+            snapshot = json.loads(stream.read())
+    except (FileNotFoundError, OSError):
+        return None
+    results = [r for r in snapshot.get("checkpoint_results", []) if "step" in r.get("metrics", {})]
+    if not results:
+        return None
+    latest = max(results, key=lambda r: r["metrics"]["step"])
+    return latest["checkpoint_dir_name"], int(latest["metrics"]["step"])
+
+
+def find_latest_checkpoint(storage: str, name: str) -> str | None:
+    """Path or URI of the checkpoint a relaunch of this run resumes from, if any."""
+    latest = _latest_registered(storage, name)
+    return f"{run_dir(storage, name)}/{latest[0]}" if latest else None
+
+
+def check_resume(job: TrainJob) -> int:
+    """The step a relaunch resumes from (0 for a new run); refuses a checkpoint of another
+    network or dataset before any worker starts."""
+    latest = _latest_registered(job.storage, job.name)
+    if latest is None:
+        return 0
+    dir_name, step = latest
+    with _open_run_file(job.storage, job.name, f"{dir_name}/config.json") as stream:
+        found = config_lib.from_dict(json.loads(stream.read()))
+    diffs = describe_mismatch(found.model, job.cfg.model)
+    if diffs:
+        raise RaydiffError(f"cannot resume run {job.name!r} from {dir_name} with data "
+                           f"{job.data}: " + "; ".join(diffs))
+    return step
+
+
+def check_resources(job: TrainJob) -> None:
+    """Fail before scheduling when the cluster can never place the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus_needed = job.workers * job.gpus_per_worker
+    if gpus_needed > total.get("GPU", 0):
+        raise RaydiffError(f"{job.workers} workers x {job.gpus_per_worker} GPUs = {gpus_needed:g} "
+                           f"GPUs requested, but the cluster has {total.get('GPU', 0):g}")
+    cpus_needed = job.workers * job.cpus_per_worker
+    if cpus_needed > total.get("CPU", 0):
+        raise RaydiffError(f"{job.workers} workers x {job.cpus_per_worker} CPUs = "
+                           f"{cpus_needed:g} CPUs requested, but the cluster has "
+                           f"{total.get('CPU', 0):g}")
+
+
+def check_batch(job: TrainJob, info: parquet.DatasetInfo) -> None:
+    batch = job.cfg.optim.batch_size
+    if batch % job.workers:
+        raise RaydiffError(f"optim.batch_size={batch} does not split evenly over "
+                           f"{job.workers} workers")
+    if info.num_images("train") < batch:
+        raise RaydiffError(f"{job.data} has {info.num_images('train')} training images, fewer "
+                           f"than one batch (optim.batch_size={batch})")
+
+
+# --- the data pipeline ----------------------------------------------------------------------
+
+class DecodeAndFlip:
+    """Ray Data batch function: PNG bytes -> uint8 NHWC, random horizontal flips."""
+
+    def __init__(self, hflip: bool):
+        self.hflip = hflip
+
+    def __call__(self, batch: dict) -> dict:
+        images = parquet.decode_batch({"image": batch["image"]})["image"]
+        if self.hflip:
+            flip = np.random.default_rng().random(len(images)) < 0.5
+            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+        return {"image": np.ascontiguousarray(images), "label": np.asarray(batch["label"])}
+
+
+class Resample:
+    """Ray Data batch function: BRS repeat counts, fresh randomness every epoch."""
+
+    def __init__(self, rates: np.ndarray):
+        self.rates = rates
+
+    def __call__(self, batch: dict) -> dict:
+        return resample_rows(batch, self.rates, np.random.default_rng())
+
+
+def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
+    import ray
+
+    ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(["image", "label"])
+    ds = ds.randomize_block_order()
+    if cfg.train.resample_factor > 0:
+        rates = repeat_rates(info.counts("train"), cfg.train.resample_factor)
+        ds = ds.map_batches(Resample(rates), batch_format="numpy")
+    return ds.map_batches(DecodeAndFlip(cfg.train.hflip), batch_format="numpy")
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+def _batches(shard, batch_size: int, device: torch.device) -> Iterator[tuple]:
+    """Endless (images in [-1, 1] NCHW, labels) batches, epoch after epoch."""
+    while True:
+        for batch in shard.iter_torch_batches(
+                batch_size=batch_size, drop_last=True, device=device,
+                local_shuffle_buffer_size=_SHUFFLE_BUFFER_BATCHES * batch_size):
+            x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            yield x0, batch["label"].long()
+
+
+def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def _mean_over_workers(sums: dict[str, float], count: int, device) -> dict[str, float]:
+    names = sorted(sums)
+    totals = _all_reduce([sums[n] for n in names] + [count], device)
+    return {n: v / totals[-1] for n, v in zip(names, totals[:-1])}
+
+
+def replica_divergence(model: torch.nn.Module, device) -> float:
+    """Spread of a weight fingerprint across workers: 0.0 when DDP kept every replica equal."""
+    fingerprint = float(sum(p.detach().double().sum() for p in model.parameters()))
+    high, neg_low = _all_reduce([fingerprint, -fingerprint], device, op="max")
+    return high + neg_low
+
+
+def _save(engine: Engine, directory: str, counts: list[int], runlog: RunLog | None) -> None:
+    engine.save(directory)
+    if engine.cfg.train.preview_per_class > 0:
+        head_to_tail = list(np.argsort(class_ranks(counts)))
+        grid = save_class_grid(engine.ema.model, engine.diffusion, engine.cfg, head_to_tail,
+                               Path(directory) / "samples.png")
+        if runlog is not None:
+            runlog.add_image(grid, engine.step)
+
+
+def _report(engine: Engine, metrics: dict, is_ckpt: bool, counts: list[int],
+            runlog: RunLog | None) -> None:
+    """Every rank reports (a barrier); rank 0 alone writes the checkpoint and the logs."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    step = engine.step
+    if is_ckpt:
+        metrics["replica_divergence"] = replica_divergence(engine.model, engine.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if is_ckpt and runlog is not None:
+            _save(engine, os.path.join(tmp, "ckpt"), counts, runlog)
+            ckpt = Checkpoint.from_directory(os.path.join(tmp, "ckpt"))
+        if runlog is not None:
+            runlog.write(metrics, engine.cfg.optim.total_steps)
+        ray.train.report(metrics, checkpoint=ckpt,
+                         checkpoint_dir_name=f"checkpoint_{step:09d}" if is_ckpt else None)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
+    """The Ray Train worker function: resume, loop {batch, step, report, checkpoint}."""
+    import ray.train
+    import ray.train.torch
+
+    # DDP warns when 1x1-conv gradients come out channels-last on CPU; it costs nothing here.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    cfg = config_lib.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(loop_config["torch_threads"])
+    device = ray.train.torch.get_device()
+    counts = loop_config["class_counts"]
+    prior = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    engine = Engine(cfg, device, rank, class_prior=prior,
+                    wrap=(lambda m: ray.train.torch.prepare_model(m)) if world > 1 else None)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load(directory)
+    start_step = engine.step
+    runlog = RunLog(loop_config["log_dir"], cfg, start_step) if rank == 0 else None
+    batches = _batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size // world, device)
+
+    sums: dict[str, float] = {}
+    seen, tick = 0, time.perf_counter()
+    total, tc = cfg.optim.total_steps, cfg.train
+    while engine.step < total:
+        x0, y = next(batches)
+        try:
+            terms = engine.train_step(x0, y)
+        except NonFiniteLossError as err:
+            # Every worker sees the NaN at the same step (gradients are all-reduced), so all
+            # stop here, with no report left unmatched, instead of Ray retrying a failure
+            # that would repeat. Rank 0's return value reaches the driver's Result.
+            if runlog is not None:
+                runlog.error(str(err))
+                runlog.close()
+            return {"error": str(err)}
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        seen += 1
+        step = engine.step
+        is_ckpt = step % tc.ckpt_every == 0 or step == total
+        if not (is_ckpt or step % tc.log_every == 0):
+            continue
+        metrics = _mean_over_workers(sums, seen, device)
+        metrics.update(step=step, resumed_from=start_step,
+                       images_per_s=seen * cfg.optim.batch_size / (time.perf_counter() - tick))
+        _report(engine, metrics, is_ckpt, counts, runlog)
+        sums, seen, tick = {}, 0, time.perf_counter()
+    if runlog is not None:
+        runlog.close()
+    return {"error": None}
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+def log_dir_for(storage: str, name: str) -> str:
+    """Where rank 0 writes metrics.jsonl and TensorBoard events (local: inside the run)."""
+    if _is_uri(storage):
+        return str(Path.home() / ".raydiff" / "runs" / name / "logs")
+    return str(Path(run_dir(storage, name), "logs").resolve())
+
+
+def init_ray(num_cpus_hint: float | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray sized for this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    # Locally, workers reserve CPUs that Ray Data's decode tasks also need: leave one over.
+    cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_hint or 0)) + 1)
+    ray.init(num_cpus=cpus, include_dashboard=False)
+
+
+def prepare_job(job: TrainJob) -> tuple[TrainJob, parquet.DatasetInfo, int]:
+    """Validate the request against the data, the storage and the cluster; no worker starts."""
+    info = parquet.load_info(job.data)
+    job = dataclasses.replace(job, cfg=fit_config_to_data(job.cfg, info))
+    check_batch(job, info)
+    resumed = check_resume(job)
+    check_resources(job)
+    return job, info, resumed
+
+
+def run_training(job: TrainJob):
+    """Fit the TorchTrainer; returns the Ray Train ``Result``."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(job.workers * job.cpus_per_worker)
+    job, info, resumed = prepare_job(job)
+    storage = job.storage if _is_uri(job.storage) else str(Path(job.storage).resolve())
+    if resumed:
+        logger.info("resuming run %s from step %d", job.name, resumed)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": job.cfg.to_dict(),
+            "class_counts": list(info.counts("train")),
+            "log_dir": log_dir_for(job.storage, job.name),
+            "torch_threads": max(1, int(job.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
+            resources_per_worker={"CPU": job.cpus_per_worker,
+                                  **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}),
+        run_config=RunConfig(
+            name=job.name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.cfg.train.num_to_keep)),
+        datasets={"train": build_dataset(job.data, info, job.cfg)},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise RaydiffError(f"training failed: {lines[-1]}") from err
+    error = (result.return_value or {}).get("error")
+    if error:
+        kept = result.checkpoint.path if result.checkpoint else "none yet"
+        raise RaydiffError(f"{error}; last good checkpoint: {kept}")
+    return result

@@ -1,0 +1,150 @@
+"""Ray Train end to end on a local Ray: DDP on 2 CPU workers, faults, resume, bad input.
+
+These tests start real Ray Train runs (controller, worker actors, gloo process group, Ray
+Data pipeline) on the session's local Ray instance, with the tiny preset on 16 px shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from raydiff import config as config_lib
+from raydiff.engine import load_for_sampling
+from raydiff.errors import RaydiffError
+from raydiff.samplers import sample_images
+from raydiff.train import TrainJob, find_latest_checkpoint, prepare_job, run_training
+
+pytestmark = pytest.mark.slow
+
+TINY = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
+        "train.ckpt_every=20", "train.preview_per_class=2", "sample.steps=4"]
+
+
+@pytest.fixture(scope="module")
+def shapes16(tmp_path_factory) -> Path:
+    from raydiff.data.prepare import PrepareOptions, prepare_dataset
+
+    out = tmp_path_factory.mktemp("train-data") / "shapes16"
+    prepare_dataset(PrepareOptions(source="shapes", out=out, resolution=16, num_classes=4,
+                                   images_per_class=48, imbalance_ratio=4.0))
+    return out
+
+
+def job(data, storage, name, *overrides, total=40, **kw) -> TrainJob:
+    cfg = config_lib.resolve("tiny", overrides=TINY + [f"optim.total_steps={total}", *overrides])
+    return TrainJob(data=str(data), cfg=cfg, storage=str(storage), name=name,
+                    **{"workers": 2, "cpus_per_worker": 1.0, **kw})
+
+
+def read_metrics(storage: Path, name: str) -> list[dict]:
+    path = storage / name / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_workers_train_in_sync_and_checkpoint_samples(ray_local, shapes16, tmp_path):
+    result = run_training(job(shapes16, tmp_path, "ddp"))
+    assert result.metrics["step"] == 40
+    assert result.metrics["replica_divergence"] == 0.0  # both DDP replicas hold equal weights
+    logged = [m for m in read_metrics(tmp_path, "ddp") if "ddpm" in m]
+    assert logged[-1]["ddpm"] < 0.7 * logged[0]["ddpm"], (logged[0], logged[-1])
+    ckpt = Path(result.checkpoint.path)
+    assert ckpt.name == "checkpoint_000000040" and (ckpt / "samples.png").is_file()
+    assert list((tmp_path / "ddp" / "logs").glob("events.out.tfevents.*"))
+    model, cfg = load_for_sampling(ckpt)
+    assert (cfg.model.num_classes, cfg.model.resolution) == (4, 16)
+    images = sample_images(model, __import__("raydiff.diffusion").diffusion.GaussianDiffusion(
+        cfg.diffusion), [0, 3], [1, 2], cfg.sample)
+    assert images.shape == (2, 3, 16, 16)
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_local, shapes16, tmp_path):
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(
+        result=run_training(job(shapes16, tmp_path, "fault", total=60))))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not any(m.get("step", 0) >= 25 for m in read_metrics(tmp_path, "fault")):
+        assert time.monotonic() < deadline and thread.is_alive(), "run never reached step 25"
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert pids, "no RayTrainWorker process found"
+    os.kill(pids[-1], signal.SIGKILL)  # a real process death, not a Python exception
+    thread.join(timeout=600)
+    assert outcome["result"].metrics["step"] == 60
+    steps = [m["step"] for m in read_metrics(tmp_path, "fault") if "step" in m]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    resumed_at = read_metrics(tmp_path, "fault")[restart]["resumed_from"]
+    assert resumed_at >= 20, "the step counter restarted instead of resuming"
+    assert steps[restart - 1] - resumed_at <= 20, "more than one checkpoint interval redone"
+    assert steps[-1] == 60
+
+
+def test_stopped_run_resumes_when_relaunched(ray_local, shapes16, tmp_path):
+    cmd = [sys.executable, "-m", "raydiff.cli", "train", "--data", str(shapes16),
+           "--storage", str(tmp_path), "--name", "relaunch", "--workers", "2",
+           "--set", "optim.total_steps=60"] + [a for o in TINY for a in ("--set", o)]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while find_latest_checkpoint(str(tmp_path), "relaunch") is None:
+        assert time.monotonic() < deadline and driver.poll() is None, "no checkpoint written"
+        time.sleep(0.2)
+    driver.kill()  # the whole job dies: driver gone, its workers torn down
+    driver.wait()
+    result = run_training(job(shapes16, tmp_path, "relaunch", total=60))
+    assert result.metrics["step"] == 60
+    resumed = [m["resumed_from"] for m in read_metrics(tmp_path, "relaunch") if "resumed_from" in m]
+    assert max(resumed) >= 20
+
+
+def test_resume_checks_and_nan_stop(ray_local, shapes16, tmp_path):
+    run_training(job(shapes16, tmp_path, "nan", "train.ckpt_every=10", total=10))
+    # the run's checkpoints were made for 4 classes: a 3-class dataset cannot resume it
+    from raydiff.data.prepare import PrepareOptions, prepare_dataset
+
+    three = tmp_path / "three"
+    prepare_dataset(PrepareOptions(source="shapes", out=three, resolution=16, num_classes=3,
+                                   images_per_class=16))
+    with pytest.raises(RaydiffError, match="num_classes: checkpoint 4, requested 3"):
+        prepare_job(job(three, tmp_path, "nan"))
+    # a NaN stops every worker at once, names step and term, and keeps the last checkpoint
+    with pytest.raises(RaydiffError) as err:
+        run_training(job(shapes16, tmp_path, "nan", "train.ckpt_every=10", "optim.lr=1e30",
+                         "optim.warmup_steps=0", total=30))
+    message = str(err.value)
+    assert "non-finite loss at step 1" in message, message
+    assert "last good checkpoint" in message and "checkpoint_000000010" in message
+    assert find_latest_checkpoint(str(tmp_path), "nan").endswith("checkpoint_000000010")
+
+
+def test_bad_requests_fail_before_any_worker_starts(ray_local, shapes16, tmp_path):
+    with pytest.raises(RaydiffError, match="does not exist; run 'raydiff prepare' first"):
+        prepare_job(job(tmp_path / "nowhere", tmp_path, "x"))
+    with pytest.raises(RaydiffError, match=r"GPUs requested, but the cluster has 0"):
+        prepare_job(job(shapes16, tmp_path, "x", gpus_per_worker=1.0))
+    with pytest.raises(RaydiffError, match="does not split evenly over 3 workers"):
+        prepare_job(job(shapes16, tmp_path, "x", workers=3))

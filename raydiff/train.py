@@ -178,6 +178,8 @@ class Resample:
 def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
     import ray
 
+    # The streaming split feeds training forever: its bars would only repeat the progress line.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(["image", "label"])
     ds = ds.randomize_block_order()
     if cfg.train.resample_factor > 0:
@@ -326,7 +328,7 @@ def init_ray(num_cpus_hint: float | None = None) -> None:
         return
     # Locally, workers reserve CPUs that Ray Data's decode tasks also need: leave one over.
     cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_hint or 0)) + 1)
-    ray.init(num_cpus=cpus, include_dashboard=False)
+    ray.init(num_cpus=cpus)
 
 
 def prepare_job(job: TrainJob) -> tuple[TrainJob, parquet.DatasetInfo, int]:
@@ -342,7 +344,8 @@ def prepare_job(job: TrainJob) -> tuple[TrainJob, parquet.DatasetInfo, int]:
 def run_training(job: TrainJob):
     """Fit the TorchTrainer; returns the Ray Train ``Result``."""
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig)
     from ray.train.torch import TorchTrainer
 
     init_ray(job.workers * job.cpus_per_worker)
@@ -365,7 +368,9 @@ def run_training(job: TrainJob):
         run_config=RunConfig(
             name=job.name, storage_path=storage,
             failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.cfg.train.num_to_keep)),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.cfg.train.num_to_keep),
+            # raydiff's own progress line says what matters; Ray's per-report lines repeat it
+            logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": build_dataset(job.data, info, job.cfg)},
     )
     try:

@@ -1,0 +1,113 @@
+"""The Inception feature extractor of the evaluation protocol, and where its weights come from.
+
+torch-fidelity's ``inception-v3-compat`` (TF-compatible InceptionV3, METHOD.md "Evaluation
+protocol") gives two outputs per image: ``2048`` (pool3 features: FID, KID, P/R) and
+``logits_unbiased`` (the Inception Score). Its weights are a 95 MB download; on a machine
+without network they must be given as a file (``--inception-weights``), and
+``resolve_weights`` says so in one line (``WeightsUnavailable``) instead of a traceback.
+No Ray here: ``raydiff.evaluate`` runs ``InceptionFeatures`` inside Ray Data actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydiff.errors import RaydiffError
+
+logger = logging.getLogger(__name__)
+
+EXTRACTOR = "inception-v3-compat"
+FEATURE_LAYERS = ("2048", "logits_unbiased")
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+class WeightsUnavailable(RaydiffError):
+    """The Inception weights are neither given, nor cached, nor downloadable."""
+
+
+def _weights_url() -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3
+
+
+def cached_weights_path() -> Path:
+    """Where torch.hub (and so torch-fidelity) keeps the downloaded weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_weights_url()).name
+
+
+def resolve_weights(path: str | Path | None = None, download: bool = True) -> Path:
+    """A local weights file: ``path`` if given, else torch.hub's cache, else a download."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RaydiffError(f"--inception-weights {path} does not exist")
+        return path
+    cached = cached_weights_path()
+    if cached.is_file():
+        return cached
+    if not download:
+        raise WeightsUnavailable(f"the Inception weights are not in {cached} and downloading "
+                                 "is off; pass --inception-weights PATH")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen has no timeout
+    try:
+        torch.hub.download_url_to_file(_weights_url(), str(cached), progress=False)
+    except OSError as err:  # URLError, timeouts, DNS failures
+        raise WeightsUnavailable(f"FID/KID/IS/PR need the Inception weights, which could not be "
+                                 f"downloaded ({getattr(err, 'reason', err)}); pass "
+                                 "--inception-weights PATH") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return cached
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Refuse a weights file that is more than tensors before torch-fidelity unpickles it.
+
+    torch-fidelity loads the file with ``torch.load(weights_only=False)``, which would run
+    whatever code a pickle carries; reading it once with ``weights_only=True`` first means
+    only plain state dicts ever get that far.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise RaydiffError(f"{path} is not a plain Inception state dict: "
+                           f"{str(err).strip().splitlines()[0]}") from None
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise RaydiffError(f"{path} is not an {EXTRACTOR} state dict (no fc.weight)")
+
+
+class InceptionFeatures:
+    """Pool3 features and unbiased logits of uint8 images, on one device."""
+
+    def __init__(self, weights: str | Path, device: str | torch.device = "cpu"):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.device = torch.device(device)
+        self.model = FeatureExtractorInceptionV3(
+            EXTRACTOR, list(FEATURE_LAYERS), feature_extractor_weights_path=str(weights),
+        ).to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 NHWC -> (float32 (N, 2048) features, float32 (N, 1008) logits)."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device)
+        features, logits = self.model(x)
+        return features.cpu().numpy(), logits.cpu().numpy()

@@ -1,4 +1,4 @@
-"""Shared fixtures: a local Ray instance, CIFAR-format files, and a small prepared dataset.
+"""Shared fixtures: a local Ray cluster, CIFAR-format files, and a small prepared dataset.
 
 Nothing here downloads: CIFAR fixtures are written in the exact pickle layout torchvision
 downloads (same file names, keys and dtypes), with synthetic pixels.
@@ -8,30 +8,133 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Token authentication, explicitly and with a token of this session: Ray 2.60 turns it on for
+# a `ray start` only when ~/.ray/auth_token happens to exist, so without this the same suite
+# would run authenticated on a developer machine and unauthenticated on a fresh CI runner.
+# Every Ray process, job driver and `ray job` command started from here inherits both.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 CIFAR_ROW_BYTES = 3 * 32 * 32
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the whole test session (4 logical CPUs on a 2-core box).
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    Starting Ray takes seconds, so every test that needs it shares this one; it is shut down
-    when the session ends.
+
+def _cluster_pids(session_id: int, temp_dir: Path) -> list[int]:
+    """Processes of one `ray start`: its session, plus job drivers (their own session) by cwd."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _ppid, _pgrp, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            in_cluster = int(session) == session_id or Path(
+                os.readlink(entry / "cwd")).is_relative_to(temp_dir)
+        except (OSError, ValueError):
+            continue
+        if in_cluster and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_cluster(session_id: int, temp_dir: Path, grace_s: float = 5.0) -> None:
+    """`ray stop` for this cluster alone: `ray stop` itself ends every Ray on the machine."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _cluster_pids(session_id, temp_dir):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while _cluster_pids(session_id, temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    gcs_address: str  # what `ray.init(address=...)` and RAY_ADDRESS take
+    dashboard_url: str  # what `ray job submit --address` and JobSubmissionClient take
+    temp_dir: Path  # logs under session_latest/logs
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> RayHead:
+    """A real single-node Ray cluster, started with `ray start --head` and its dashboard.
+
+    4 logical CPUs on a 2-core box. Every port is picked free and the temp dir is private, so
+    the suite runs beside other Ray instances on the same machine; at the end exactly this
+    cluster's processes are stopped.
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="raydiff-ray-"))  # short: Unix socket paths
+    dashboard_port = _free_port()
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus=4",
+        f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+    # A session of its own (its id = its pid): the daemons it leaves behind stay in it.
+    starter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output = starter.communicate(timeout=300)[0]
+        if starter.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{output}")
+        yield RayHead(gcs_address=(temp_dir / "ray_current_cluster").read_text().strip(),
+                      dashboard_url=f"http://127.0.0.1:{dashboard_port}", temp_dir=temp_dir)
+    finally:
+        _stop_cluster(starter.pid, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head):
+    """The test process connected to the session's Ray cluster; yields the ``ray`` module.
+
+    Starting Ray takes seconds, so every test that needs it shares this one cluster.
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address=ray_head.gcs_address)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard_url(ray_head) -> str:
+    """The session cluster's dashboard, once its job API answers (it starts after the head)."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            JobSubmissionClient(ray_head.dashboard_url).list_jobs()
+            return ray_head.dashboard_url
+        except (ConnectionError, RuntimeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _cifar_pixels(n: int, seed: int) -> np.ndarray:
@@ -180,3 +283,67 @@ def image_tree(tmp_path) -> Path:
             _write_photo(root / name / "images" / f"{name}_{i}.png", (24, 20), colour)
     (root / "cat" / "cat_boxes.txt").write_text("not an image\n")
     return root
+
+
+# --- sampling and evaluation (tests/test_sample*.py, test_evaluate*.py, test_demo*.py) -------
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny-preset checkpoint (4 classes, 16 px, DDIM 4 steps) after 3 steps: made in
+    seconds without Ray; good for sampling plumbing, not for pretty pictures."""
+    import torch
+
+    from raydiff import config as config_lib
+    from raydiff.engine import Engine
+
+    cfg = config_lib.resolve("tiny", overrides=[
+        "model.num_classes=4", "optim.batch_size=8", "sample.steps=4", "optim.warmup_steps=0"])
+    engine = Engine(cfg)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        engine.train_step(torch.rand(8, 3, 16, 16, generator=g) * 2 - 1,
+                          torch.randint(0, 4, (8,), generator=g))
+    return engine.save(tmp_path_factory.mktemp("tiny-ckpt") / "checkpoint_000000003")
+
+
+@pytest.fixture(scope="session")
+def shapes16_tiny(tmp_path_factory) -> Path:
+    """A prepared 16 px shapes dataset matching ``tiny_checkpoint``: 4 classes, 8 reference
+    images each, 8 .. 2 training images."""
+    from raydiff.data.prepare import PrepareOptions, prepare_dataset
+
+    out = tmp_path_factory.mktemp("shapes16") / "shapes16"
+    prepare_dataset(PrepareOptions(source="shapes", out=out, resolution=16, num_classes=4,
+                                   images_per_class=8, imbalance_ratio=4.0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A random but non-degenerate ``inception-v3-compat`` weights file (PLATFORM.md).
+
+    torch-fidelity's real weights are a download. Here the extractor is built with its loader
+    patched out (PyTorch's default init), its BatchNorm statistics are calibrated on random
+    images (otherwise the 2048-d features collapse to ~1e-8 and every FID is 0) and the
+    state dict is saved, to be passed as ``feature_extractor_weights_path``.
+    """
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    cls = inception.FeatureExtractorInceptionV3
+    with mock.patch.object(inception, "load_state_dict_from_url", return_value=None), \
+            mock.patch.object(cls, "load_state_dict", lambda self, state, strict=True: None):
+        net = cls("inception-v3-compat", ["2048", "logits_unbiased"])
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: the calibration batch's statistics
+    g = torch.Generator().manual_seed(0)
+    net.train()
+    with torch.no_grad():
+        net((torch.rand(4, 3, 32, 32, generator=g) * 255).to(torch.uint8))
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(net.eval().state_dict(), path)
+    return path

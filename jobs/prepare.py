@@ -1,0 +1,73 @@
+"""``raydiff prepare`` as a Ray job, writing to local, shared or object storage.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/prepare.py cifar10 --root /home/ray/data \
+        --out s3://BUCKET/raydiff/datasets/cifar10-lt
+
+It takes the arguments of ``raydiff prepare`` and runs the same code on the node the job's
+driver runs on (the head node, unless the submission asks for resources), so ``--root`` is a
+path there. ``--out`` may also be a URI (``s3://``, ``gs://``): the dataset is then built in a
+local temporary folder and uploaded, its ``dataset.json`` last, so a reader that finds that
+file finds every shard it lists. A job submitted again finds the complete dataset and keeps
+it (``--overwrite`` rebuilds it), so a failed pipeline can simply be submitted again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import posixpath
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raydiff.cli import main as raydiff_main
+from raydiff.data.parquet import INFO_FILE, load_info
+from raydiff.errors import RaydiffError
+
+
+def is_prepared(out: str) -> bool:
+    try:
+        load_info(out)
+    except RaydiffError:
+        return False
+    return True
+
+
+def upload(local: str, uri: str) -> None:
+    """Copy a prepared dataset folder to ``uri``, its dataset.json last."""
+    fs, base = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(f"{base}/{INFO_FILE}").type != pafs.FileType.NotFound:
+        fs.delete_file(f"{base}/{INFO_FILE}")  # an overwrite is incomplete until it ends
+    files = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
+    for relative in sorted(files, key=lambda f: f == INFO_FILE):
+        target = f"{base}/{relative}"
+        fs.create_dir(posixpath.dirname(target), recursive=True)
+        pafs.copy_files(os.path.join(local, relative), target, destination_filesystem=fs)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--out")
+    parser.add_argument("--overwrite", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    if args.out is None or {"-h", "--help"} & set(argv):
+        return raydiff_main(["prepare", *argv])  # its usage message or help
+    if not args.overwrite and is_prepared(args.out):
+        print(f"{args.out} already holds a prepared dataset; keeping it (--overwrite rebuilds it)")
+        return 0
+    if "://" not in args.out:
+        return raydiff_main(["prepare", *argv])
+    with tempfile.TemporaryDirectory(prefix="raydiff-prepare-") as staging:
+        local = os.path.join(staging, "dataset")
+        status = raydiff_main(["prepare", *rest, "--out", local])
+        if status == 0:
+            upload(local, args.out)
+            print(f"uploaded to {args.out}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,134 @@
+"""jobs/*.py submitted with `ray job submit --working-dir .` to a real `ray start --head` cluster.
+
+The session's cluster (tests/conftest.py) takes these jobs as a user's cluster does: the
+`ray job submit` command uploads the repository minus what .gitignore and .rayignore leave out,
+the job's driver runs the script from that copy on the head node, and everything the job
+produces lands in the storage it names. Submitting a job again with the same storage and name
+must pick up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from raydiff.data.parquet import load_info
+from raydiff.train import find_latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 600
+TINY = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
+        "train.ckpt_every=10", "train.preview_per_class=0", "sample.steps=4"]
+
+
+def submit(dashboard_url: str, script: str, *args: str) -> tuple[str, str]:
+    """`ray job submit --working-dir . -- python jobs/...`, as the README says; returns the
+    submission id and the command's output."""
+    submission_id = f"raydiff-test-{uuid.uuid4().hex[:8]}"
+    command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
+               "--address", dashboard_url, "--working-dir", ".", "--submission-id", submission_id,
+               "--no-wait", "--", sys.executable, script, *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return submission_id, done.stdout + done.stderr
+
+
+def wait(dashboard_url: str, submission_id: str, expected: str = "SUCCEEDED") -> str:
+    """Wait for a job to end; returns its logs, or fails with them unless it ended as expected."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard_url)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    try:
+        while not (status := client.get_job_status(submission_id)).is_terminal():
+            assert time.monotonic() < deadline, f"job {submission_id} still {status}"
+            time.sleep(1)
+    finally:
+        if not client.get_job_status(submission_id).is_terminal():
+            client.stop_job(submission_id)
+    logs = client.get_job_logs(submission_id)
+    assert status == JobStatus(expected), f"job {submission_id} {status}:\n{logs[-4000:]}"
+    return logs
+
+
+def run_job(dashboard_url: str, script: str, *args: str) -> str:
+    return wait(dashboard_url, submit(dashboard_url, script, *args)[0])
+
+
+@pytest.fixture(scope="module")
+def dataset_uri(ray_dashboard_url, tmp_path_factory) -> str:
+    """A dataset prepared by jobs/prepare.py and uploaded to a URI (file://: no S3 here)."""
+    uri = (tmp_path_factory.mktemp("bucket") / "datasets" / "shapes16").as_uri()
+    logs = run_job(ray_dashboard_url, "jobs/prepare.py", "shapes", "--out", uri,
+                   "--resolution", "16", "--num-classes", "4", "--images-per-class", "48",
+                   "--imbalance-ratio", "4", "--workers", "1")
+    assert f"uploaded to {uri}" in logs
+    return uri
+
+
+def test_the_uploaded_working_directory_is_the_code_alone(ray_head, dataset_uri):
+    """What `--working-dir .` sent, as the cluster unpacked it for the job above."""
+    resources = ray_head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
+    packages = [d for d in resources.glob("_ray_pkg_*") if d.is_dir()]
+    assert packages
+    for package in packages:
+        files = [f for f in package.rglob("*") if f.is_file()]
+        names = {f.relative_to(package).as_posix() for f in files}
+        assert {"jobs/train.py", "jobs/prepare.py", "raydiff/data/parquet.py"} <= names
+        assert not [n for n in names if n.split("/")[0] in {".git", "runs", "data", ".pytest_cache"}
+                    or n.endswith((".parquet", ".safetensors", ".pyc"))]
+        size = sum(f.stat().st_size for f in files)
+        print(f"working directory uploaded: {len(files)} files, {size / 2**20:.2f} MiB unpacked")
+        assert size < 5 * 2**20
+
+
+def test_prepare_job_uploads_a_dataset_and_keeps_it_when_resubmitted(ray_dashboard_url,
+                                                                     dataset_uri):
+    info = load_info(dataset_uri)
+    assert (info.num_classes, info.resolution) == (4, 16)
+    assert list(info.counts("train")) == [48, 30, 19, 12]
+    logs = run_job(ray_dashboard_url, "jobs/prepare.py", "shapes", "--out", dataset_uri,
+                   "--resolution", "16")
+    assert "already holds a prepared dataset; keeping it" in logs
+
+
+def read_metrics(run: Path) -> list[dict]:
+    lines = (run / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_train_job_checkpoints_to_storage_and_a_resubmitted_job_resumes(ray_dashboard_url,
+                                                                       dataset_uri, tmp_path):
+    storage, name = tmp_path / "storage", "tiny-job"
+    args = ["--data", dataset_uri, "--storage", str(storage), "--name", name,
+            "--preset", "tiny", "--workers", "2"] + [a for o in TINY for a in ("--set", o)]
+
+    logs = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=20")
+    assert f"trained {name}: step 20" in logs
+    first = find_latest_checkpoint(str(storage), name)
+    assert first == str(storage / name / "checkpoint_000000020")
+    assert (Path(first) / "config.json").is_file()
+
+    # The same job again, asked to go further: it starts from the checkpoint, not from zero.
+    logs = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=40")
+    assert f"resuming run {name} from step 20" in logs
+    assert f"trained {name}: step 40" in logs
+    assert find_latest_checkpoint(str(storage), name).endswith("checkpoint_000000040")
+    resumed = [m for m in read_metrics(storage / name) if m.get("resumed_from") == 20]
+    assert resumed and min(m["step"] for m in resumed) == 25 and resumed[-1]["step"] == 40
+
+
+def test_train_job_refuses_storage_that_dies_with_the_job(ray_dashboard_url):
+    # A relative --storage would land in the job's temporary copy of the repository.
+    submission_id, _ = submit(ray_dashboard_url, "jobs/train.py", "--name", "x",
+                              "--storage", "runs")
+    logs = wait(ray_dashboard_url, submission_id, expected="FAILED")
+    assert "--storage must be a URI" in logs

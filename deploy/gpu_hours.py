@@ -1,0 +1,119 @@
+"""GPU-hours of the paper-scale runs, computed from counted FLOPs (an estimate, not a measurement).
+
+    python deploy/gpu_hours.py                  # the table in the README ("On a cluster")
+    python deploy/gpu_hours.py --mfu 0.2        # other assumed utilisations
+
+What is counted: torch's FlopCounterMode, on the CPU, over one ``Engine.train_step`` (forward
+and backward of the loss, exactly as training runs it) and over one sampler network call.
+It counts matrix multiplies and convolutions (2 FLOPs per multiply-add), not elementwise work.
+What is assumed: the GPU sustains ``--mfu`` of its dense bf16 peak on those FLOPs; the
+elementwise work, the optimiser, EMA, data loading and gradient all-reduce fit in the rest
+(DDP over N GPUs divides the wall-clock time by about N and leaves GPU-hours unchanged).
+FLOPs are linear in the number of rows through the network, so a small batch is counted and
+scaled; the class count changes only the label embedding, so one count serves each resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from raydiff import config as config_lib
+from raydiff.diffusion import GaussianDiffusion
+from raydiff.engine import Engine
+
+PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense (no sparsity), SXM, NVIDIA datasheets
+# (dataset, preset, training steps, global batch): the released training settings.
+RUNS = [("CIFAR-10-LT / CIFAR-100-LT", "cifar32", 300_000, 128),
+        ("TinyImageNet-LT / ImageNet-LT 64 px", "imagenet64", 100_000, 128)]
+EVAL_SAMPLES = 50_000  # images generated for FID etc.
+INCEPTION_SIDE = 299  # FID's feature extractor resizes every image to this
+
+
+def train_flops_per_row(preset: str, method: str, rows: int) -> float:
+    """FLOPs of one training step divided by the rows that went through the network."""
+    cfg = config_lib.resolve(preset, overrides=[f"loss.method={method}",
+                                                f"optim.batch_size={rows}"])
+    engine = Engine(cfg, "cpu")
+    seen: list[int] = []
+    engine.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    side = cfg.model.resolution
+    x0 = torch.rand(rows, cfg.model.in_channels, side, side) * 2 - 1
+    y = torch.randint(0, cfg.model.num_classes, (rows,))
+    with FlopCounterMode(display=False) as counter:
+        engine.train_step(x0, y)
+    return counter.get_total_flops() / sum(seen)
+
+
+def rows_per_image(cfg: config_lib.Config) -> float:
+    """Expected network rows per training image: CCUA adds an unconditional row for every
+    image with w(t) > 0, i.e. t >= max(1, t_align), whose label was not dropped already."""
+    if cfg.loss.method == "ddpm":
+        return 1.0
+    if cfg.loss.method == "cbdm":
+        return 2.0
+    T = cfg.diffusion.num_timesteps
+    active = (T - max(1, cfg.loss.t_align)) / T
+    return 1.0 + active * (1.0 - cfg.loss.label_dropout)
+
+
+def sample_flops_per_image(preset: str) -> float:
+    """FLOPs to generate one image with the configured sampler and guidance."""
+    cfg = config_lib.resolve(preset)
+    model = Engine(cfg, "cpu").ema.model
+    side, rows = cfg.model.resolution, 4
+    x = torch.randn(rows, cfg.model.in_channels, side, side)
+    t = torch.full((rows,), GaussianDiffusion(cfg.diffusion).num_timesteps - 1)
+    y = torch.zeros(rows, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    calls = 2 if cfg.sample.guidance else 1  # conditional and unconditional prediction
+    return counter.get_total_flops() / rows * calls * cfg.sample.steps
+
+
+def inception_flops_per_image() -> float:
+    """FLOPs of the Inception-v3 features FID uses, per image (torchvision's network)."""
+    import torchvision
+
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(2, 3, INCEPTION_SIDE, INCEPTION_SIDE))
+    return counter.get_total_flops() / 2
+
+
+def gpu_hours(flops: float, mfus: list[float]) -> list[str]:
+    seconds = [flops / (peak * 1e12 * mfu) for peak in PEAK_BF16_TFLOPS.values() for mfu in mfus]
+    return [f"{s / 3600:.1f}" if s >= 360 else f"{s:.0f} s" for s in seconds]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mfu", type=float, nargs="+", default=[0.3, 0.1],
+                        help="assumed fractions of the bf16 peak sustained (default 0.3 0.1)")
+    parser.add_argument("--rows", type=int, default=16, help="batch counted on the CPU")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    columns = [f"{gpu} GPU-h at {mfu:.0%}" for gpu in PEAK_BF16_TFLOPS for mfu in args.mfu]
+    print("| run | method | steps x batch | TFLOP per step | " + " | ".join(columns) + " |")
+    print("|---" * (4 + len(columns)) + "|")
+    for label, preset, steps, batch in RUNS:
+        for method in ("ddpm", "ccua"):
+            cfg = config_lib.resolve(preset, overrides=[f"loss.method={method}"])
+            step = train_flops_per_row(preset, method, args.rows) * batch * rows_per_image(cfg)
+            print(f"| {label} | {method} | {steps // 1000}k x {batch} | {step / 1e12:.2f} | "
+                  + " | ".join(gpu_hours(step * steps, args.mfu)) + " |")
+        cfg = config_lib.resolve(preset)
+        sample = sample_flops_per_image(preset) * EVAL_SAMPLES
+        print(f"| {label} | sampling {EVAL_SAMPLES // 1000}k images, {cfg.sample.sampler}-"
+              f"{cfg.sample.steps} with guidance | | | "
+              + " | ".join(gpu_hours(sample, args.mfu)) + " |")
+    features = inception_flops_per_image() * 2 * EVAL_SAMPLES
+    print(f"| any | Inception features of {EVAL_SAMPLES // 1000}k samples + "
+          f"{EVAL_SAMPLES // 1000}k reference images | | | "
+          + " | ".join(gpu_hours(features, args.mfu)) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ from raydiff.data import parquet
 from raydiff.data.resample import class_ranks, repeat_rates, resample_rows
 from raydiff.engine import Engine, NonFiniteLossError
 from raydiff.errors import RaydiffError
+from raydiff.quickeval import EvalSpec, QuickEval
 from raydiff.runlog import RunLog, save_class_grid
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class TrainJob:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_failures: int = 2
+    eval: EvalSpec | None = None  # in-training evaluation at every report (hyperparameter search)
+    eval_reference: Any = None  # ObjectRef of the ReferenceStats that evaluation compares to
 
 
 # --- driver-side checks ---------------------------------------------------------------------
@@ -233,12 +236,14 @@ def _save(engine: Engine, directory: str, counts: list[int], runlog: RunLog | No
 
 
 def _report(engine: Engine, metrics: dict, is_ckpt: bool, counts: list[int],
-            runlog: RunLog | None) -> None:
-    """Every rank reports (a barrier); rank 0 alone writes the checkpoint and the logs."""
+            runlog: RunLog | None, quickeval: QuickEval | None) -> None:
+    """Every rank reports (a barrier); rank 0 alone evaluates and writes checkpoint and logs."""
     import ray.train
     from ray.train import Checkpoint
 
     step = engine.step
+    if quickeval is not None:
+        metrics.update(quickeval(engine.ema.model, engine.cfg))
     if is_ckpt:
         metrics["replica_divergence"] = replica_divergence(engine.model, engine.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,6 +259,7 @@ def _report(engine: Engine, metrics: dict, is_ckpt: bool, counts: list[int],
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
     """The Ray Train worker function: resume, loop {batch, step, report, checkpoint}."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -274,6 +280,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
             engine.load(directory)
     start_step = engine.step
     runlog = RunLog(loop_config["log_dir"], cfg, start_step) if rank == 0 else None
+    quickeval = None
+    if loop_config.get("eval") and rank == 0:
+        reference = ray.get(loop_config["eval_reference"][0])
+        quickeval = QuickEval(EvalSpec(**loop_config["eval"]), reference, device)
     batches = _batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size // world, device)
 
     sums: dict[str, float] = {}
@@ -301,7 +311,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
         metrics = _mean_over_workers(sums, seen, device)
         metrics.update(step=step, resumed_from=start_step,
                        images_per_s=seen * cfg.optim.batch_size / (time.perf_counter() - tick))
-        _report(engine, metrics, is_ckpt, counts, runlog)
+        _report(engine, metrics, is_ckpt, counts, runlog, quickeval)
         sums, seen, tick = {}, 0, time.perf_counter()
     if runlog is not None:
         runlog.close()
@@ -341,38 +351,42 @@ def prepare_job(job: TrainJob) -> tuple[TrainJob, parquet.DatasetInfo, int]:
     return job, info, resumed
 
 
-def run_training(job: TrainJob):
-    """Fit the TorchTrainer; returns the Ray Train ``Result``."""
-    import ray.train
+def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | None = None):
+    """The TorchTrainer of a checked job (``prepare_job``); Tune passes its report callback."""
     from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
     from ray.train.torch import TorchTrainer
 
-    init_ray(job.workers * job.cpus_per_worker)
-    job, info, resumed = prepare_job(job)
     storage = job.storage if _is_uri(job.storage) else str(Path(job.storage).resolve())
-    if resumed:
-        logger.info("resuming run %s from step %d", job.name, resumed)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": job.cfg.to_dict(),
             "class_counts": list(info.counts("train")),
             "log_dir": log_dir_for(job.storage, job.name),
             "torch_threads": max(1, int(job.cpus_per_worker)),
+            "eval": dataclasses.asdict(job.eval) if job.eval else None,
+            # in a list, so Ray hands the worker the reference, not its 100+ MB of statistics
+            "eval_reference": [job.eval_reference],
         },
         scaling_config=ScalingConfig(
             num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
             resources_per_worker={"CPU": job.cpus_per_worker,
                                   **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}),
         run_config=RunConfig(
-            name=job.name, storage_path=storage,
+            name=job.name, storage_path=storage, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.cfg.train.num_to_keep),
             # raydiff's own progress line says what matters; Ray's per-report lines repeat it
             logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": build_dataset(job.data, info, job.cfg)},
     )
+
+
+def fit(trainer):
+    """Run a trainer; a failure or a NaN becomes one RaydiffError line."""
+    import ray.train
+
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -383,3 +397,12 @@ def run_training(job: TrainJob):
         kept = result.checkpoint.path if result.checkpoint else "none yet"
         raise RaydiffError(f"{error}; last good checkpoint: {kept}")
     return result
+
+
+def run_training(job: TrainJob):
+    """Check the job, fit the TorchTrainer; returns the Ray Train ``Result``."""
+    init_ray(job.workers * job.cpus_per_worker)
+    job, info, resumed = prepare_job(job)
+    if resumed:
+        logger.info("resuming run %s from step %d", job.name, resumed)
+    return fit(build_trainer(job, info))

@@ -1,0 +1,120 @@
+"""Small in-training evaluation: the objective a hyperparameter search optimises.
+
+Every report of a training run with an ``EvalSpec``, rank 0 samples a small class-balanced
+set with the EMA weights (DDIM, few steps, fixed seeds), extracts features and computes the
+Frechet distance to precomputed reference statistics, overall and per class group
+(head / body / tail, METHOD.md). Two feature spaces:
+
+- ``inception``: InceptionV3 pool3 (torch-fidelity's ``inception-v3-compat``), i.e. FID;
+  needs the weights file.
+- ``pixels``: images area-resized to 8x8, as 192-d vectors in [0, 1]. Needs no download and
+  still ranks runs by how well their samples match the class-group statistics; metric names
+  are prefixed ``fd_pixels`` so they are never mistaken for FID.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raydiff.config import Config, SampleConfig
+from raydiff.data import parquet
+from raydiff.diffusion import GaussianDiffusion
+from raydiff.metrics import GROUPS, FeatureStats, class_groups, fid
+from raydiff.samplers import sample_images, to_uint8
+
+FEATURES = ("inception", "pixels")
+_PIXEL_SIDE = 8
+_EVAL_SEED = 1_000_000  # sample seeds start here: disjoint from preview-grid seeds
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    feature: str  # inception | pixels
+    per_class: int = 10  # generated images per class at each evaluation
+    steps: int = 10  # DDIM steps
+    guidance: float = 1.5
+    weights: str | None = None  # Inception weights file (feature == "inception")
+
+    @property
+    def prefix(self) -> str:
+        return "fid" if self.feature == "inception" else "fd_pixels"
+
+
+def feature_extractor(feature: str, weights: str | None = None,
+                      device: str | torch.device = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 NHWC images -> float64 feature rows."""
+    if feature == "pixels":
+        def pixels(images: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+            return F.adaptive_avg_pool2d(x, _PIXEL_SIDE).flatten(1).double().numpy()
+        return pixels
+    if feature == "inception":
+        from raydiff.features import InceptionFeatures
+
+        extractor = InceptionFeatures(weights, device)
+        return lambda images: extractor(images)[0].astype(np.float64)
+    raise ValueError(f"unknown feature space {feature!r}; choose one of {', '.join(FEATURES)}")
+
+
+def group_stats(rows: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, FeatureStats]:
+    """FeatureStats of all rows and of each class group."""
+    stats = {"all": FeatureStats.of(rows)}
+    for g, name in enumerate(GROUPS):
+        stats[name] = FeatureStats.of(rows[groups[labels] == g])
+    return stats
+
+
+@dataclass
+class ReferenceStats:
+    """Feature statistics of the balanced reference split, overall and per class group."""
+
+    feature: str
+    stats: dict[str, FeatureStats]
+    groups: np.ndarray  # group index per class
+
+
+def reference_stats(dataset_dir: str, feature: str, per_class: int | None = None,
+                    weights: str | None = None) -> ReferenceStats:
+    """Statistics of the reference split, using at most ``per_class`` images of each class."""
+    info = parquet.load_info(dataset_dir)
+    images, labels = parquet.read_split_arrays(dataset_dir, "reference")
+    if per_class is not None:
+        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class]
+                               for c in range(info.num_classes)])
+        images, labels = images[keep], labels[keep]
+    extract = feature_extractor(feature, weights)
+    rows = np.concatenate([extract(images[i:i + 256]) for i in range(0, len(images), 256)])
+    groups = class_groups(info.counts("train"))
+    return ReferenceStats(feature, group_stats(rows, labels, groups), groups)
+
+
+class QuickEval:
+    """Built once per run on rank 0; called at every report with the EMA model."""
+
+    def __init__(self, spec: EvalSpec, reference: ReferenceStats,
+                 device: str | torch.device = "cpu"):
+        if reference.feature != spec.feature:
+            raise ValueError(f"reference statistics are {reference.feature} features, "
+                             f"the evaluation extracts {spec.feature}")
+        self.spec = spec
+        self.reference, self.groups = reference.stats, reference.groups
+        self.extract = feature_extractor(spec.feature, spec.weights, device)
+
+    def __call__(self, model: torch.nn.Module, cfg: Config) -> dict[str, float]:
+        num_classes = cfg.model.num_classes
+        labels = np.repeat(np.arange(num_classes), self.spec.per_class)
+        seeds = _EVAL_SEED + np.arange(len(labels))
+        sample_cfg = SampleConfig(sampler="ddim", steps=self.spec.steps, eta=0.0,
+                                  guidance=self.spec.guidance)
+        images = to_uint8(sample_images(model, GaussianDiffusion(cfg.diffusion),
+                                        labels.tolist(), seeds.tolist(), sample_cfg))
+        generated = group_stats(self.extract(images), labels, self.groups)
+        prefix = self.spec.prefix
+        out = {prefix: fid(generated["all"], self.reference["all"])}
+        out.update({f"{prefix}_{g}": fid(generated[g], self.reference[g]) for g in GROUPS})
+        return out

@@ -1,0 +1,337 @@
+"""Hyperparameter search on Ray Tune over the CCUA loss weights and the alignment threshold.
+
+Ray Train V2 pattern: each trial is a driver function (no resources of its own) that fits a
+``TorchTrainer`` (DDP over ``workers_per_trial``) whose ``TuneReportCallback`` forwards every
+report to Tune. The objective is measured during training: at every report, rank 0 samples a
+small class-balanced set with the EMA weights and computes the Frechet distance to the
+reference statistics, overall and per class group (``raydiff.quickeval``). ASHA stops weak
+trials early. Each trial's Train run is named after its trial id, so a restored search
+(``Tuner.restore``) resumes unfinished trials from their checkpoints and reruns nothing
+that finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raydiff import config as config_lib
+from raydiff.config import Config
+from raydiff.data import parquet
+from raydiff.errors import RaydiffError
+from raydiff.metrics import GROUPS
+from raydiff.quickeval import EvalSpec, reference_stats
+from raydiff.train import TrainJob, build_trainer, check_resources, fit, init_ray, prepare_job
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "loss.ucl_weight": {"loguniform": [1e-3, 2.0]},
+    "loss.al_weight": {"loguniform": [1e-3, 2.0]},
+    "loss.t_align": {"choice": [0, 250, 500, 750]},
+    "loss.temperature": {"choice": [0.05, 0.1, 0.2]},
+}
+KINDS = ("uniform", "loguniform", "choice", "grid")
+LOSS_METRICS = ("loss", "ddpm", "ucl", "al", "cbdm")
+_DRIVER_CPU = 0.01
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    data: str
+    base: Config
+    storage: str
+    name: str
+    space: dict[str, dict[str, Any]]
+    trials: int = 8
+    metric: str = "fid_tail"
+    scheduler: str = "asha"
+    max_steps: int = 2000
+    eval_every: int = 500
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    eval_per_class: int = 10
+    eval_steps: int = 10
+    reference_per_class: int = 100
+    inception_weights: str | None = None
+
+
+# --- the search space -----------------------------------------------------------------------
+
+def load_space(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A space file: ``{"section.key": {"loguniform": [lo, hi]}, ...}`` in YAML or JSON."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RaydiffError(f"space file {path} does not exist") from None
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON: one parser reads both
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise RaydiffError(f"space file {path}{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict) or not data:
+        raise RaydiffError(f"space file {path} must map config keys to distributions")
+    return data
+
+
+def validate_space(space: dict[str, dict[str, Any]], base: Config, where: str) -> None:
+    """Every key must be a config key, every range non-empty, every value of the key's type."""
+    for key, dist in space.items():
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in KINDS:
+            raise RaydiffError(f"{where}: {key}: expected one of {', '.join(KINDS)} "
+                               f"with its values, got {dist!r}")
+        kind, values = next(iter(dist.items()))
+        if kind in ("uniform", "loguniform"):
+            if not (isinstance(values, list) and len(values) == 2
+                    and all(isinstance(v, (int, float)) for v in values)):
+                raise RaydiffError(f"{where}: {key}: {kind} takes [low, high], got {values!r}")
+            low, high = values
+            if not low < high:
+                raise RaydiffError(f"{where}: {key}: empty range [{low}, {high}]")
+            if kind == "loguniform" and low <= 0:
+                raise RaydiffError(f"{where}: {key}: loguniform needs low > 0, got {low}")
+            samples = [low, high]
+        else:
+            if not isinstance(values, list) or not values:
+                raise RaydiffError(f"{where}: {key}: {kind} needs a non-empty list of values")
+            samples = values
+        for value in samples:  # unknown keys, wrong types and invalid values fail here
+            try:
+                config_lib.apply_overrides(base, {key: value})
+            except RaydiffError as err:
+                raise RaydiffError(f"{where}: {err}") from None
+
+
+def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+            "choice": tune.choice, "grid": tune.grid_search}
+    return {key: make[kind](values) for key, dist in space.items()
+            for kind, values in dist.items()}
+
+
+# --- the objective --------------------------------------------------------------------------
+
+def resolve_objective(job: SearchJob) -> tuple[EvalSpec, str]:
+    """The feature space and the metric to optimise; offline, a metric needing no download."""
+    from raydiff.features import WeightsUnavailable, resolve_weights
+
+    feature, weights = "inception", None
+    try:
+        weights = str(resolve_weights(job.inception_weights))
+    except WeightsUnavailable as err:
+        feature = "pixels"
+        logger.warning("Inception weights unavailable (%s): the search uses Frechet distances "
+                       "of 8x8 pixel statistics (fd_pixels) instead of FID", err)
+    spec = EvalSpec(feature=feature, per_class=job.eval_per_class, steps=job.eval_steps,
+                    guidance=job.base.sample.guidance, weights=weights)
+    reported = {spec.prefix, *(f"{spec.prefix}_{g}" for g in GROUPS), *LOSS_METRICS}
+    metric = job.metric
+    if metric.startswith("fid") and spec.prefix != "fid":
+        metric = metric.replace("fid", spec.prefix, 1)
+    if metric not in reported:
+        raise RaydiffError(f"metric {job.metric!r} is never reported; choose one of "
+                           f"{', '.join(sorted(reported))}")
+    return spec, metric
+
+
+# --- the trial driver -----------------------------------------------------------------------
+
+def trial_driver(params: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: a TorchTrainer over the trial's config, named after the trial."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    job: TrainJob = setup["job"]
+    cfg = config_lib.apply_overrides(job.cfg, params)
+    trial = dataclasses.replace(job, cfg=cfg, name=tune.get_context().get_trial_id())
+    fit(build_trainer(trial, setup["info"], callbacks=[TuneReportCallback()]))
+
+
+def _trial_job(job: SearchJob) -> TrainJob:
+    cfg = config_lib.apply_overrides(job.base, {
+        "optim.total_steps": job.max_steps, "train.log_every": job.eval_every,
+        "train.ckpt_every": job.eval_every, "train.preview_per_class": 0})
+    return TrainJob(data=job.data, cfg=cfg, storage=f"{job.storage}/{job.name}/trials",
+                    name="trial", workers=job.workers_per_trial,
+                    gpus_per_worker=job.gpus_per_worker, cpus_per_worker=job.cpus_per_worker,
+                    max_failures=1)
+
+
+def max_concurrent(job: SearchJob) -> int:
+    """Trials that fit at once; one CPU a trial is left over for its Ray Data tasks."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_trial_cpus = job.workers_per_trial * job.cpus_per_worker + 1
+    fit_cpu = int(total.get("CPU", 0) // per_trial_cpus)
+    if job.gpus_per_worker > 0:
+        fit_cpu = min(fit_cpu, int(total.get("GPU", 0) // (job.workers_per_trial
+                                                           * job.gpus_per_worker)))
+    return max(1, fit_cpu)
+
+
+def build_tuner(job: SearchJob, restore: bool):
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    train_job, info, _ = prepare_job(_trial_job(job))
+    spec, metric = resolve_objective(job)
+    reference = reference_stats(job.data, spec.feature, job.reference_per_class, spec.weights)
+    train_job = dataclasses.replace(train_job, eval=spec, eval_reference=ray.put(reference))
+    # The driver only waits on its TorchTrainer; Tune refuses an empty request, so it asks
+    # for a token share of a CPU and the workers hold the real resources.
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, setup={"job": train_job, "info": info}),
+        {"CPU": _DRIVER_CPU})
+    path = f"{job.storage.rstrip('/')}/{job.name}"
+    if restore and tune.Tuner.can_restore(path):
+        logger.info("resuming the search at %s", path)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True), metric
+    reports = max(1, job.max_steps // job.eval_every)
+    scheduler = (ASHAScheduler(max_t=reports, grace_period=1, reduction_factor=2)
+                 if job.scheduler == "asha" else FIFOScheduler())
+    tuner = tune.Tuner(
+        trainable, param_space=to_tune_space(job.space),
+        tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=scheduler,
+                                    num_samples=job.trials,
+                                    max_concurrent_trials=max_concurrent(job)),
+        run_config=tune.RunConfig(name=job.name, storage_path=job.storage,
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+    return tuner, metric
+
+
+def check_search(job: SearchJob) -> None:
+    validate_space(job.space, job.base, "search space")
+    if job.scheduler not in ("asha", "fifo"):
+        raise RaydiffError(f"--scheduler must be asha or fifo, got {job.scheduler!r}")
+    if job.trials < 1 or job.max_steps < 1 or not 1 <= job.eval_every <= job.max_steps:
+        raise RaydiffError(f"need trials >= 1 and 1 <= eval_every ({job.eval_every}) <= "
+                           f"max_steps ({job.max_steps})")
+    parquet.load_info(job.data)
+
+
+def run_search(job: SearchJob) -> dict[str, Any]:
+    """Run (or resume) the search; write results.csv and best_config.json; return a summary."""
+    check_search(job)
+    init_ray(job.workers_per_trial * job.cpus_per_worker + 1)
+    check_resources(_trial_job(job))
+    tuner, metric = build_tuner(job, restore=True)
+    grid = tuner.fit()
+    return write_results(grid, job, metric)
+
+
+# --- results --------------------------------------------------------------------------------
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def write_results(grid, job: SearchJob, metric: str) -> dict[str, Any]:
+    """results.csv (every trial, best first) and best_config.json (for ``--config``)."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        params = {k: v for k, v in (result.config or {}).items() if k in job.space}
+        rows.append({"trial": metrics.get("trial_id", Path(result.path).name),
+                     "status": "error" if result.error else "done",
+                     **params, metric: _number(metrics.get(metric)),
+                     "step": metrics.get("step"), "reports": metrics.get("training_iteration"),
+                     **{k: _number(metrics.get(k)) for k in sorted(metrics)
+                        if k not in (metric,) and (k.startswith(("fid", "fd_")) or k in LOSS_METRICS)}})
+    rows.sort(key=lambda r: (math.isnan(r[metric]), r[metric]))
+    out = Path(job.storage) / job.name
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    best = next((r for r in rows if not math.isnan(r[metric])), None)
+    if best is None:
+        raise RaydiffError(f"no trial reported {metric}; see {out}")
+    best_cfg = config_lib.apply_overrides(job.base, {k: best[k] for k in job.space})
+    (out / "best_config.json").write_text(best_cfg.to_json())
+    return {"metric": metric, "rows": rows, "best": best, "dir": str(out)}
+
+
+def format_table(summary: dict[str, Any], limit: int = 20) -> str:
+    rows = summary["rows"][:limit]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    """The options of ``raydiff tune`` (config options come from the CLI's shared group)."""
+    add = parser.add_argument
+    add("--data", required=True, help="a prepared dataset")
+    add("--space", help="search space file (YAML or JSON); default: alpha, gamma, t_align, tau")
+    add("--trials", type=int, default=8, help="trials to sample (grid values multiply this)")
+    add("--metric", default="fid_tail",
+        help="objective to minimise (fid_tail, fid, fid_head, fid_body, loss, ...)")
+    add("--scheduler", default="asha", choices=("asha", "fifo"))
+    add("--max-steps", type=int, default=2000, help="training steps per trial")
+    add("--eval-every", type=int, help="steps between evaluations (default: max-steps / 4)")
+    add("--eval-per-class", type=int, default=10, help="images per class at each evaluation")
+    add("--eval-steps", type=int, default=10, help="DDIM steps at each evaluation")
+    add("--reference-per-class", type=int, default=100,
+        help="reference images per class in the reference statistics")
+    add("--inception-weights", help="InceptionV3 weights file (otherwise cache or download)")
+
+
+def job_from_args(args, base: Config) -> SearchJob:
+    space = load_space(args.space) if args.space else DEFAULT_SPACE
+    if args.space:
+        validate_space(space, base, f"space file {args.space}")
+    return SearchJob(
+        data=args.data, base=base, storage=args.storage, name=args.name or f"{base.preset}-search",
+        space=space, trials=args.trials, metric=args.metric, scheduler=args.scheduler,
+        max_steps=args.max_steps, eval_every=args.eval_every or max(1, args.max_steps // 4),
+        workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker, eval_per_class=args.eval_per_class,
+        eval_steps=args.eval_steps, reference_per_class=args.reference_per_class,
+        inception_weights=args.inception_weights)
+
+
+def run(args, base: Config) -> int:
+    """``raydiff tune``: search, then print the table and where the best config is."""
+    job = job_from_args(args, base)
+    if args.dry_run:
+        print(json.dumps({"base": base.to_dict(), "space": job.space}, indent=2))
+        return 0
+    summary = run_search(job)
+    print(f"objective: {summary['metric']} (lower is better); trials best first:")
+    print(format_table(summary))
+    print(f"results: {summary['dir']}/results.csv")
+    print(f"best config: {summary['dir']}/best_config.json "
+          f"(raydiff train --config {summary['dir']}/best_config.json)")
+    return 0

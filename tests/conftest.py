@@ -347,3 +347,14 @@ def inception_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
     torch.save(net.eval().state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def shapes16(tmp_path_factory) -> Path:
+    """Shapes at 16 px, 4 classes, 48 .. 12 training images: for tests that train on Ray."""
+    from raydiff.data.prepare import PrepareOptions, prepare_dataset
+
+    out = tmp_path_factory.mktemp("shapes16") / "shapes16"
+    prepare_dataset(PrepareOptions(source="shapes", out=out, resolution=16, num_classes=4,
+                                   images_per_class=48, imbalance_ratio=4.0))
+    return out

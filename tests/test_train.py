@@ -29,16 +29,6 @@ TINY = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
         "train.ckpt_every=20", "train.preview_per_class=2", "sample.steps=4"]
 
 
-@pytest.fixture(scope="module")
-def shapes16(tmp_path_factory) -> Path:
-    from raydiff.data.prepare import PrepareOptions, prepare_dataset
-
-    out = tmp_path_factory.mktemp("train-data") / "shapes16"
-    prepare_dataset(PrepareOptions(source="shapes", out=out, resolution=16, num_classes=4,
-                                   images_per_class=48, imbalance_ratio=4.0))
-    return out
-
-
 def job(data, storage, name, *overrides, total=40, **kw) -> TrainJob:
     cfg = config_lib.resolve("tiny", overrides=TINY + [f"optim.total_steps={total}", *overrides])
     return TrainJob(data=str(data), cfg=cfg, storage=str(storage), name=name,

@@ -56,9 +56,10 @@ def builtin_dataset(storage: str, resolution: int) -> str:
     return str(out)
 
 
-def add_cluster_arguments(parser: argparse.ArgumentParser, workers: int = 1) -> None:
+def add_cluster_arguments(parser: argparse.ArgumentParser,
+                          workers_flag: str = "--workers") -> None:
     group = parser.add_argument_group("cluster")
-    group.add_argument("--workers", type=int, default=workers, help="data-parallel workers")
+    group.add_argument(workers_flag, type=int, default=1, help="data-parallel workers")
     group.add_argument("--gpus-per-worker", type=float, default=0.0,
                        help="GPUs per worker (0 = CPU training with gloo)")
     group.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -113,6 +114,154 @@ def _add_prepare(subparsers) -> None:
     p.set_defaults(func=prepare.run)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _metric_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_actor_arguments(parser: argparse.ArgumentParser, batch_help: str) -> None:
+    group = parser.add_argument_group("Ray Data actors")
+    group.add_argument("--actors", type=int, default=1, help="actors in the pool (default: 1)")
+    group.add_argument("--gpus-per-actor", type=float, default=0.0,
+                       help="GPUs per actor (0 = CPU)")
+    group.add_argument("--cpus-per-actor", type=float, default=1.0,
+                       help="CPUs per actor; also its torch threads (default: 1)")
+    group.add_argument("--batch-size", type=int, help=batch_help)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from raydiff.sample import SampleJob, run_sampling
+
+    job = SampleJob(
+        checkpoint=args.checkpoint, out=args.out, per_class=args.per_class, classes=args.classes,
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance, format=args.format,
+        actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+        forward_batch=args.forward_batch, shard_size=args.shard_size, seed=args.seed)
+    result = run_sampling(job)
+    manifest = result.manifest
+    if result.shards_sampled:
+        print(f"sampled {result.shards_sampled} shards ({result.images_per_s:.1f} images/s); "
+              f"{result.shards_kept} were already on disk")
+    else:
+        print(f"all {manifest['num_shards']} shards were already on disk")
+    print(f"{manifest['num_images']} images, {manifest['identity']['per_class']} per class, "
+          f"in {args.out} (formats: {', '.join(manifest['formats'])})")
+    return 0
+
+
+def _add_sample(subparsers) -> None:
+    from raydiff.sample import FORMATS
+
+    p = subparsers.add_parser(
+        "sample", help="generate a class-balanced synthetic dataset with Ray Data",
+        description="Sample --per-class images of every class (or of --classes) from a "
+                    "checkpoint's EMA weights. The same command gives the same images whatever "
+                    "--actors or --batch-size; run again, it samples only what is missing.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="output folder (new, or this run's to resume)")
+    p.add_argument("--per-class", type=int, required=True, help="images per class")
+    p.add_argument("--classes", type=_int_list, help="comma-separated class indices (default: all)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"),
+                   help="default: the checkpoint config's sample.sampler")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint config's)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance w in eps_c + w (eps_c - eps_u) (default: config)")
+    p.add_argument("--format", choices=FORMATS, default="parquet",
+                   help="parquet shards (always written), plus an imagefolder tree or an ADM npz")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed * 2**32 + i")
+    p.add_argument("--forward-batch", type=int, default=32,
+                   help="images per network call; fixes the bytes, so part of the run (default 32)")
+    p.add_argument("--shard-size", type=int, default=1024,
+                   help="images per Parquet shard, the unit of resume (default 1024)")
+    add_actor_arguments(p, "rows per Ray Data batch (default: 4 x --forward-batch)")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from raydiff.evaluate import CHART_FILE, METRICS_FILE, EvalJob, run_evaluation
+    from raydiff.report import metrics_table
+
+    job = EvalJob(
+        samples=args.samples, reference=args.reference, metrics=args.metrics, groups=args.groups,
+        per_class=args.per_class, inception_weights=args.inception_weights,
+        download=not args.no_download, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size or 32,
+        reference_per_class=args.reference_per_class, cache_dir=args.cache_dir, out=args.out)
+    result = run_evaluation(job)
+    print(metrics_table(result))
+    if "per_class_fid_mean" in result:
+        print(f"per-class FID, mean over classes: {result['per_class_fid_mean']:.2f}")
+    out = Path(args.out or args.samples)
+    print(f"reference features: cache {result['reference_cache']}; wrote {out / METRICS_FILE} "
+          f"and {out / CHART_FILE}")
+    return 0
+
+
+def add_inception_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inception-weights", metavar="PATH",
+                        help="torch-fidelity's inception-v3-compat weights file (default: the "
+                             "torch.hub cache, downloaded on first use)")
+    parser.add_argument("--no-download", action="store_true",
+                        help="never download the Inception weights")
+    parser.add_argument("--reference-per-class", type=int,
+                        help="use only the first N reference images of each class")
+
+
+def _add_evaluate(subparsers) -> None:
+    from raydiff.metrics import METRICS
+
+    p = subparsers.add_parser(
+        "evaluate", help="FID/KID/IS/PR of a sample folder against a reference split",
+        description="Inception features of the samples and of the reference split in Ray Data "
+                    "actors; FID, KID, Inception Score and Precision/Recall (k = 3) overall, "
+                    "per head/body/tail group and per class. Writes metrics.json and metrics.png.")
+    p.add_argument("--samples", required=True, help="a 'raydiff sample' output folder")
+    p.add_argument("--reference", required=True,
+                   help="a prepared dataset: its balanced reference split, and its training "
+                        "counts for the head/body/tail groups")
+    p.add_argument("--metrics", type=_metric_list, default=METRICS,
+                   help=f"comma-separated subset of {','.join(METRICS)} (default: all)")
+    p.add_argument("--groups", action="store_true", help="also per head / body / tail group")
+    p.add_argument("--per-class", action="store_true", help="also FID per class, and its mean")
+    add_inception_arguments(p)
+    p.add_argument("--cache-dir", help="reference feature cache "
+                                       "(default: ~/.cache/raydiff/reference-features)")
+    p.add_argument("--out", help="where metrics.json and metrics.png go (default: --samples)")
+    add_actor_arguments(p, "images per Inception batch (default: 32)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _add_demo(subparsers) -> None:
+    from raydiff import demo
+
+    p = subparsers.add_parser(
+        "demo", help="the whole pipeline on the built-in dataset: prepare, train, sample, "
+                     "evaluate, report",
+        description=demo.__doc__.split("\n\n")[0])
+    demo.add_arguments(p)
+    add_inception_arguments(p)
+    p.set_defaults(func=demo.run)
+
+
+def _add_tune(subparsers) -> None:
+    from raydiff import tune
+
+    p = subparsers.add_parser("tune", help="search loss weights and t_align with Ray Tune")
+    tune.add_arguments(p)
+    p.add_argument("--name", help="search name; the same name and storage resume the search")
+    add_config_arguments(p)
+    add_cluster_arguments(p, workers_flag="--workers-per-trial")
+    p.set_defaults(func=lambda args: tune.run(args, config_from_args(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(subparsers)
     _add_prepare(subparsers)
     _add_train(subparsers)
+    _add_sample(subparsers)
+    _add_evaluate(subparsers)
+    _add_demo(subparsers)
+    _add_tune(subparsers)
     return parser
 
 

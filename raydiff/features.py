@@ -62,9 +62,9 @@ def resolve_weights(path: str | Path | None = None, download: bool = True) -> Pa
     try:
         torch.hub.download_url_to_file(_weights_url(), str(cached), progress=False)
     except OSError as err:  # URLError, timeouts, DNS failures
-        raise WeightsUnavailable(f"FID/KID/IS/PR need the Inception weights, which could not be "
-                                 f"downloaded ({getattr(err, 'reason', err)}); pass "
-                                 "--inception-weights PATH") from None
+        raise WeightsUnavailable(f"the Inception weights could not be downloaded "
+                                 f"({getattr(err, 'reason', err)}); pass --inception-weights "
+                                 "PATH") from None
     finally:
         socket.setdefaulttimeout(previous)
     return cached

@@ -1,0 +1,31 @@
+"""``raydiff evaluate`` as a Ray job.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/evaluate.py --samples /shared/raydiff/samples/c10-ccua-50k \
+        --reference s3://BUCKET/raydiff/datasets/cifar10-lt --groups --per-class \
+        --inception-weights /shared/weights/weights-inception-2015-12-05-6726825d.pth \
+        --actors 4 --gpus-per-actor 1
+
+It takes the arguments of ``raydiff evaluate`` and runs the same code. ``--samples`` (and
+``--out``, ``--cache-dir``, ``--inception-weights`` when given) must be absolute paths that
+every node shares; ``--reference`` may also be a URI. Reference features are cached under
+``--cache-dir`` (default: the driver node's ~/.cache/raydiff), so an evaluation submitted again
+skips the reference's feature pass; metrics.json and metrics.png are written whole.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sample import location_error  # jobs/sample.py: the script's folder is on sys.path
+
+from raydiff.cli import main
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    error = None if {"-h", "--help"} & set(argv) else location_error(
+        argv, ("--samples", "--out", "--cache-dir", "--inception-weights"))
+    if error:
+        print(f"jobs/evaluate.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(["evaluate", *argv]))

@@ -1,0 +1,338 @@
+"""``raydiff evaluate``: FID/KID/IS/PR of a sample folder against a prepared reference split.
+
+Pipeline (``run_evaluation``)::
+
+    ray.data.read_parquet(sample shards)  --map_batches(InceptionActor, ActorPoolStrategy)-->
+    driver: feature rows placed by image index; per-group sufficient statistics (float64)
+
+    the reference split, the same way (rows keyed by position), unless its features are cached
+
+Features are torch-fidelity's ``inception-v3-compat`` (``raydiff.features``); the metrics are
+finished by ``raydiff.metrics`` with torch-fidelity's own functions. The generated set is
+compared with the reference images of the same classes: overall, and with ``--groups`` for the
+head / body / tail thirds of the classes ranked by training count (taken from the reference
+dataset's ``dataset.json``), optionally per class (``--per-class``).
+
+Reference features are cached on disk under a key made of the reference's identity (a hash of
+its dataset.json and reference shards), the per-class cap, the feature extractor and the hash
+of its weights file, so a second evaluation against the same reference skips its feature pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydiff import metrics as metrics_lib
+from raydiff.data import parquet
+from raydiff.data.images import decode_images
+from raydiff.errors import RaydiffError
+from raydiff.features import (EXTRACTOR, InceptionFeatures, check_weights_file, file_sha256,
+                              resolve_weights)
+from raydiff.metrics import FEATURE_DIM, GROUPS, METRICS, FeatureStats
+from raydiff.sample import load_manifest, quiet, shard_paths
+from raydiff.storage import Folder, atomic_path, to_buffer
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+CHART_FILE = "metrics.png"
+LOGITS_DIM = 1008  # torch-fidelity's InceptionV3 has 1008 outputs (TF's 1001 + padding)
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """A ``raydiff evaluate`` request; the CLI and ``jobs/evaluate.py`` build one."""
+
+    samples: str
+    reference: str  # a prepared dataset folder: its reference split and its class counts
+    metrics: tuple[str, ...] = METRICS
+    groups: bool = False
+    per_class: bool = False
+    inception_weights: str | None = None
+    download: bool = True
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 32
+    reference_per_class: int | None = None  # use only the first N reference images per class
+    cache_dir: str | None = None  # default: ~/.cache/raydiff/reference-features
+    out: str | None = None  # default: the sample folder
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raydiff" / \
+        "reference-features"
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo]:
+    """The sample manifest and reference info, after checking they can be compared."""
+    unknown = [m for m in job.metrics if m not in METRICS]
+    if unknown or not job.metrics:
+        raise RaydiffError(f"--metrics {','.join(job.metrics)}: expected a comma-separated "
+                           f"subset of {','.join(METRICS)}")
+    for flag, value in (("--actors", job.actors), ("--batch-size", job.batch_size)):
+        if value < 1:
+            raise RaydiffError(f"{flag} must be at least 1, got {value}")
+    if job.reference_per_class is not None and job.reference_per_class < 2:
+        raise RaydiffError("--reference-per-class must be at least 2 (a covariance needs two "
+                           f"images), got {job.reference_per_class}")
+    manifest = load_manifest(job.samples)
+    shard_paths(job.samples)  # refuses an incomplete folder
+    info = parquet.load_info(job.reference)
+    ident = manifest["identity"]
+    if ident["resolution"] != info.resolution:
+        raise RaydiffError(f"reference {job.reference} is {info.resolution}x{info.resolution} "
+                           f"but the samples are {ident['resolution']}x{ident['resolution']}")
+    if ident["num_classes"] != info.num_classes:
+        raise RaydiffError(f"reference {job.reference} has {info.num_classes} classes but the "
+                           f"samples' checkpoint has {ident['num_classes']}")
+    return manifest, info
+
+
+# --- feature extraction in Ray Data actors ----------------------------------------------------
+
+class InceptionActor:
+    """Ray Data actor: PNG bytes -> Inception features (and logits), weights loaded once."""
+
+    def __init__(self, weights: str, threads: int, use_gpu: bool, with_logits: bool):
+        torch.set_num_threads(threads)
+        self.net = InceptionFeatures(weights, "cuda" if use_gpu else "cpu")
+        self.with_logits = with_logits
+
+    def __call__(self, batch: dict) -> dict:
+        features, logits = self.net(decode_images(list(batch["image"])))
+        out = {"key": np.asarray(batch["key"], np.int64).copy(),
+               "label": np.asarray(batch["label"], np.int64).copy(), "feat": features}
+        if self.with_logits:
+            out["logits"] = logits
+        return out
+
+
+def key_by_source(batch: dict, positions: dict[str, int]) -> dict:
+    """Ray Data batch function: a reference row's position from its unique ``source``; rows
+    left out by the per-class cap are dropped."""
+    keys = np.array([positions.get(s, -1) for s in batch["source"]], np.int64)
+    keep = keys >= 0
+    return {"key": keys[keep], "label": np.asarray(batch["label"])[keep],
+            "image": np.asarray(batch["image"])[keep]}
+
+
+def key_by_index(batch: dict) -> dict:
+    return {"key": np.asarray(batch["index"], np.int64), "label": np.asarray(batch["label"]),
+            "image": np.asarray(batch["image"])}
+
+
+@dataclass
+class FeatureSet:
+    """Feature rows (and logits) of one image set, in key order, with their labels."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, n: int, with_logits: bool) -> FeatureSet:
+        return cls(np.zeros((n, FEATURE_DIM), np.float32), np.full(n, -1, np.int64),
+                   np.zeros((n, LOGITS_DIM), np.float32) if with_logits else None)
+
+    def add(self, batch: dict) -> None:
+        keys = np.asarray(batch["key"])
+        self.features[keys] = batch["feat"]
+        self.labels[keys] = batch["label"]
+        if self.logits is not None:
+            self.logits[keys] = batch["logits"]
+
+
+def _extract(ds, job: EvalJob, weights: Path, feature_set: FeatureSet, on_batch=None) -> None:
+    import ray
+
+    ds = ds.repartition(target_num_rows_per_block=job.batch_size)  # work for every actor
+    ds = ds.map_batches(
+        InceptionActor,
+        fn_constructor_kwargs={"weights": str(weights), "threads": max(1, int(job.cpus_per_actor)),
+                               "use_gpu": job.gpus_per_actor > 0,
+                               "with_logits": feature_set.logits is not None},
+        compute=ray.data.ActorPoolStrategy(size=job.actors), batch_size=job.batch_size,
+        batch_format="numpy", num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
+    for batch in quiet(ds).iter_batches(batch_size=None, batch_format="numpy"):
+        feature_set.add(batch)
+        if on_batch is not None:
+            on_batch(batch)
+    if (feature_set.labels < 0).any():
+        raise RuntimeError(f"{int((feature_set.labels < 0).sum())} images got no features")
+
+
+def sample_features(job: EvalJob, manifest: dict, weights: Path, groups: np.ndarray,
+                    with_logits: bool) -> tuple[FeatureSet, list[FeatureStats]]:
+    """Features of every generated image, and their sufficient statistics per class group,
+    accumulated in float64 as batches arrive."""
+    import ray
+
+    ds = ray.data.read_parquet(shard_paths(job.samples), columns=["index", "label", "image"])
+    ds = ds.map_batches(key_by_index, batch_format="numpy", batch_size=None)
+    stats = [FeatureStats() for _ in GROUPS]
+
+    def accumulate(batch: dict) -> None:
+        batch_groups = groups[np.asarray(batch["label"])]
+        for g, group_stats in enumerate(stats):
+            group_stats.update(np.asarray(batch["feat"])[batch_groups == g])
+
+    feature_set = FeatureSet.empty(manifest["num_images"], with_logits)
+    _extract(ds, job, weights, feature_set, accumulate)
+    return feature_set, stats
+
+
+def reference_identity(reference: str) -> str:
+    """sha256 over the reference's dataset.json and the bytes of its reference shards."""
+    digest, folder = hashlib.sha256(), Folder(reference)
+    for relative in [parquet.INFO_FILE, *parquet.load_info(reference).files["reference"]]:
+        digest.update(relative.encode() + b"\0")
+        with folder.fs.open_input_stream(folder.path(relative)) as stream:
+            while block := stream.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _reference_positions(reference: str, per_class: int | None) -> dict[str, int]:
+    """Position of each reference image kept (file order; first ``per_class`` per class)."""
+    table = parquet.read_split(reference, "reference", columns=["label", "source"])
+    labels, sources = table.column("label").to_numpy(), table.column("source").to_pylist()
+    if len(set(sources)) != len(sources):
+        raise RaydiffError(f"{reference}: reference rows do not have unique 'source' values")
+    seen: dict[int, int] = {}
+    positions: dict[str, int] = {}
+    for label, source in zip(labels.tolist(), sources):
+        seen[label] = seen.get(label, 0) + 1
+        if per_class is None or seen[label] <= per_class:
+            positions[source] = len(positions)
+    return positions
+
+
+def reference_features(job: EvalJob, weights: Path, weights_sha: str) -> tuple[FeatureSet, bool]:
+    """The reference's features from the cache, or extracted (and cached); True on a hit."""
+    key_data = {"version": CACHE_VERSION, "reference": reference_identity(job.reference),
+                "per_class": job.reference_per_class, "extractor": EXTRACTOR,
+                "weights_sha256": weights_sha}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
+    folder = Path(job.cache_dir or default_cache_dir()) / key
+    if (folder / "meta.json").is_file():
+        logger.info("evaluate: reference features from cache %s", folder)
+        return FeatureSet(np.load(folder / "features.npy"), np.load(folder / "labels.npy")), True
+    import ray
+
+    positions = _reference_positions(job.reference, job.reference_per_class)
+    ds = ray.data.read_parquet(parquet.split_paths(job.reference, "reference"),
+                               columns=["image", "label", "source"])
+    ds = ds.map_batches(key_by_source, fn_kwargs={"positions": positions}, batch_format="numpy",
+                        batch_size=None)
+    feature_set = FeatureSet.empty(len(positions), with_logits=False)
+    _extract(ds, job, weights, feature_set)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():  # else another evaluation filled the cache meanwhile
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            np.save(tmp / "features.npy", feature_set.features)
+            np.save(tmp / "labels.npy", feature_set.labels)
+            (tmp / "meta.json").write_text(json.dumps(
+                {**key_data, "reference_path": job.reference, "num_images": len(positions)}))
+    return feature_set, False
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], ref: FeatureSet,
+                groups: np.ndarray, classes: list[int]) -> dict:
+    """Overall and per-group metrics, and per-class FID when asked."""
+    sets = {"overall": list(classes)}
+    if job.groups:
+        sets.update({name: [c for c in classes if groups[c] == g]
+                     for g, name in enumerate(GROUPS)})
+    results = {}
+    for name, members in sets.items():
+        if not members:
+            continue
+        in_gen, in_ref = np.isin(gen.labels, members), np.isin(ref.labels, members)
+        member_groups = sorted({int(groups[c]) for c in members})
+        stats = gen_stats[member_groups[0]]
+        for g in member_groups[1:]:
+            stats = stats.merge(gen_stats[g])
+        results[name] = metrics_lib.set_metrics(
+            job.metrics, stats, FeatureStats.of(ref.features[in_ref]), gen.features[in_gen],
+            ref.features[in_ref], None if gen.logits is None else gen.logits[in_gen])
+        results[name]["classes"] = members
+    out = {"sets": results}
+    if job.per_class:
+        per_class = metrics_lib.per_class_fid(gen.features, gen.labels, ref.features, ref.labels,
+                                              classes)
+        out["per_class_fid"] = {str(c): v for c, v in per_class.items()}
+        out["per_class_fid_mean"] = float(np.mean(list(per_class.values())))
+    return out
+
+
+def _finite(value):
+    """NaN (a metric that needs more images than there are) as JSON null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _write_outputs(out: Folder, result: dict) -> None:
+    from raydiff.report import metrics_chart
+
+    out.write_json(METRICS_FILE, _finite(result))
+    out.write_bytes(CHART_FILE, to_buffer(lambda f: metrics_chart(result).save(f, format="PNG")))
+
+
+def run_evaluation(job: EvalJob) -> dict:
+    """Extract features, compute the metrics, write metrics.json and metrics.png."""
+    from raydiff.train import init_ray
+
+    manifest, info = check_job(job)
+    weights = resolve_weights(job.inception_weights, download=job.download)
+    check_weights_file(weights)
+    weights_sha = file_sha256(weights)
+    init_ray(job.actors * job.cpus_per_actor)
+    start = time.monotonic()
+    ref, cache_hit = reference_features(job, weights, weights_sha)
+    ref_seconds = time.monotonic() - start
+    groups = metrics_lib.class_groups(info.counts("train"))
+    gen, gen_stats = sample_features(job, manifest, weights, groups, "isc" in job.metrics)
+    features_seconds = time.monotonic() - start
+    classes = [int(c) for c in manifest["identity"]["classes"]]
+    result = {
+        "samples": str(job.samples), "reference": str(job.reference),
+        "feature_extractor": {"name": EXTRACTOR, "weights": str(weights),
+                              "weights_sha256": weights_sha},
+        "settings": {**{k: v for k, v in asdict(job).items()
+                        if k in ("metrics", "groups", "per_class", "reference_per_class")},
+                     "kid_subsets": metrics_lib.KID_SUBSETS, "isc_splits": metrics_lib.ISC_SPLITS,
+                     "prc_neighborhood": metrics_lib.PRC_NEIGHBORHOOD,
+                     "prc_max_images": metrics_lib.PRC_MAX_IMAGES},
+        "groups": {name: [c for c in range(info.num_classes) if groups[c] == g]
+                   for g, name in enumerate(GROUPS)},
+        **compute_all(job, gen, gen_stats, ref, groups, classes),
+        "reference_cache": "hit" if cache_hit else "miss",
+        "seconds": {"reference_features": round(ref_seconds, 2),
+                    "sample_features": round(features_seconds - ref_seconds, 2),
+                    "metrics": round(time.monotonic() - start - features_seconds, 2)},
+    }
+    _write_outputs(Folder(job.out or job.samples), result)
+    return result

@@ -1,0 +1,580 @@
+"""``raydiff sample``: class-balanced synthetic datasets on Ray Data, deterministic and resumable.
+
+The pipeline (``run_sampling``)::
+
+    ray.data.range(num_shards * shard_size)        image indices, one block per shard
+      .map_batches(assign_labels_and_seeds)        (label, seed) per index; drops the indices
+                                                   past the end and those of shards on disk
+      .map_batches(SampleActor, ActorPoolStrategy(size=actors), num_gpus=...)
+                                                   EMA network loaded once per actor; PNG bytes
+      -> ShardWriter (driver)                      one Parquet file per shard, written atomically
+
+What an image is: image ``i`` has label ``classes[i % len(classes)]`` (labels interleave, so
+counts per class are exact and any prefix of shards is balanced) and seed
+``seed * 2**32 + i``, from which it draws all of its noise (``raydiff.samplers``).
+
+Why a fixed forward batch: one seed per image is not enough for identical bytes, because the
+network is not batch-invariant: oneDNN on CPU (cuDNN on GPU) picks kernels by batch shape, so
+the same image computed in a batch of 7 or of 32 can differ by ~1e-6, which can flip a uint8
+pixel. ``sample_aligned`` therefore always runs the network on blocks of exactly
+``forward_batch`` images, block b holding indices [b M, (b+1) M) each at its fixed position;
+rows a block lacks (the set ends there, or Ray's batch boundary cut it) are padding, computed
+and thrown away. Whatever the number of actors or the Ray Data batch size, every image is
+computed in the same block at the same position: the same bytes. ``forward_batch`` is part of
+the run's identity; a batch size that is a multiple of it wastes nothing on padding.
+
+Output folder::
+
+    OUT/manifest.json                  checkpoint identity, sampler, seeds rule, counts
+    OUT/shards/shard-00000.parquet     index, label, seed, image (PNG bytes), index order
+    OUT/images/<label>/<index>.png     --format imagefolder (torchvision ImageFolder reads it)
+    OUT/samples_NxHxWx3.npz            --format npz: arr_0 uint8 NHWC, arr_1 labels (ADM's)
+
+Resume: a shard file exists only once complete (temporary name, then rename), so a rerun of
+the same command samples just the missing shards. The Parquet shards are the record of the
+run; ``imagefolder`` and ``npz`` are exports made from them once every shard exists, each
+renamed into place whole. A folder that holds a different run is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import raydiff
+from raydiff.checkpoint import read_config
+from raydiff.config import Config, SampleConfig
+from raydiff.data.images import decode_images, encode_png_batch
+from raydiff.diffusion import GaussianDiffusion
+from raydiff.errors import RaydiffError
+from raydiff.features import file_sha256
+from raydiff.samplers import sample_images, to_uint8
+from raydiff.storage import Folder, atomic_path, to_buffer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARDS_DIR = "shards"
+IMAGES_DIR = "images"
+FORMATS = ("parquet", "imagefolder", "npz")
+SEED_STRIDE = 2 ** 32  # seed of image i = seed * SEED_STRIDE + i
+SEEDS_RULE = "seed of image i = seed * 2**32 + i"
+LABELS_RULE = "label of image i = classes[i % len(classes)]"
+SHARD_SCHEMA = pa.schema([pa.field("index", pa.int64(), nullable=False),
+                          pa.field("label", pa.int64(), nullable=False),
+                          pa.field("seed", pa.int64(), nullable=False),
+                          pa.field("image", pa.binary(), nullable=False)])
+_COLUMNS = tuple(SHARD_SCHEMA.names)
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """A ``raydiff sample`` request; the CLI and ``jobs/sample.py`` build one."""
+
+    checkpoint: str  # a checkpoint folder, or a run folder (its latest checkpoint)
+    out: str
+    per_class: int
+    classes: tuple[int, ...] | None = None  # None: every class of the checkpoint
+    sampler: str | None = None  # None: the checkpoint config's sample section
+    steps: int | None = None
+    guidance: float | None = None
+    format: str = "parquet"
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_size: int | None = None  # rows per Ray Data batch; None: 4 * forward_batch
+    forward_batch: int = 32  # images per network call (fixes the bytes; see module doc)
+    shard_size: int = 1024  # images per Parquet shard: the unit of resume
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Which image every index is: label, seed and shard."""
+
+    classes: tuple[int, ...]
+    per_class: int
+    seed: int
+    shard_size: int
+
+    @property
+    def num_images(self) -> int:
+        return self.per_class * len(self.classes)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+    def labels(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classes, np.int64)[np.asarray(indices) % len(self.classes)]
+
+    def seeds(self, indices: np.ndarray) -> np.ndarray:
+        return self.seed * SEED_STRIDE + np.asarray(indices, np.int64)
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    """A checked request: the plan, the checkpoint and the settings every actor uses."""
+
+    job: SampleJob
+    plan: SamplePlan
+    checkpoint: str  # where it is (path or URI), resolved from a run folder if need be
+    cfg: Config  # the checkpoint's config, its sample section replaced by the request
+    identity: dict[str, Any]
+
+    @property
+    def batch_size(self) -> int:
+        return self.job.batch_size or 4 * self.job.forward_batch
+
+
+# --- the core: deterministic sampling without Ray -------------------------------------------
+
+def sample_aligned(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: SampleConfig,
+                   indices: np.ndarray, labels: np.ndarray, seeds: np.ndarray,
+                   forward_batch: int) -> np.ndarray:
+    """uint8 NHWC images of the given indices, each computed at its fixed block position.
+
+    Block b of ``forward_batch`` rows holds indices [b M, (b+1) M); a row whose index is not
+    requested is padding (a copy of a requested row), so the network always sees M rows and
+    image i always sits at row i % M.
+    """
+    indices, labels, seeds = (np.asarray(a, np.int64) for a in (indices, labels, seeds))
+    res = model.cfg.resolution
+    out = np.empty((len(indices), res, res, model.cfg.in_channels), np.uint8)
+    blocks = indices // forward_batch
+    for block in np.unique(blocks):
+        rows = np.flatnonzero(blocks == block)
+        slots = indices[rows] % forward_batch
+        block_labels = np.full(forward_batch, labels[rows[0]])
+        block_seeds = np.full(forward_batch, seeds[rows[0]])
+        block_labels[slots], block_seeds[slots] = labels[rows], seeds[rows]
+        images = sample_images(model, diffusion, block_labels.tolist(), block_seeds.tolist(), cfg)
+        out[rows] = to_uint8(images)[slots]
+    return out
+
+
+def assign_labels_and_seeds(batch: dict, plan: SamplePlan, skip_shards: frozenset) -> dict:
+    """Ray Data batch function: ``id`` -> index, label, seed; indices past the end or in a
+    shard already on disk are dropped."""
+    ids = np.asarray(batch["id"], np.int64)
+    keep = ids < plan.num_images
+    if skip_shards:
+        keep &= ~np.isin(ids // plan.shard_size, np.fromiter(skip_shards, np.int64))
+    ids = ids[keep]
+    return {"index": ids, "label": plan.labels(ids), "seed": plan.seeds(ids)}
+
+
+class SampleActor:
+    """Ray Data actor: the EMA network of one checkpoint, loaded once, sampling batches."""
+
+    def __init__(self, checkpoint: str, cfg: dict, forward_batch: int, threads: int,
+                 use_gpu: bool):
+        from raydiff import config as config_lib
+        from raydiff.engine import load_for_sampling
+
+        torch.set_num_threads(threads)
+        device = "cuda" if use_gpu else "cpu"
+        self.model, _ = load_for_sampling(local_checkpoint(checkpoint), device=device,
+                                          use_ema=True)
+        self.cfg = config_lib.from_dict(cfg)
+        self.diffusion = GaussianDiffusion(self.cfg.diffusion)
+        self.forward_batch = forward_batch
+
+    def __call__(self, batch: dict) -> dict:
+        index = np.asarray(batch["index"], np.int64)
+        label, seed = np.asarray(batch["label"], np.int64), np.asarray(batch["seed"], np.int64)
+        images = sample_aligned(self.model, self.diffusion, self.cfg.sample, index, label, seed,
+                                self.forward_batch)
+        encoded = np.empty(len(index), dtype=object)
+        encoded[:] = encode_png_batch(images)
+        return {"index": index.copy(), "label": label.copy(), "seed": seed.copy(),
+                "image": encoded}
+
+
+# --- checking a request -----------------------------------------------------------------------
+
+def resolve_checkpoint(location: str | Path) -> str:
+    """A checkpoint folder (path or URI) as given, or the latest ``checkpoint_<step>`` of a run
+    folder."""
+    folder = Folder(location)
+    if not folder.is_file("config.json"):
+        steps = [(int(name.removeprefix("checkpoint_")), name)
+                 for name in folder.names(pattern="checkpoint_*")
+                 if name.removeprefix("checkpoint_").isdigit()
+                 and folder.is_file(f"{name}/state.json")]
+        if steps:
+            return folder.uri(max(steps)[1])
+    return folder.location
+
+
+def local_checkpoint(location: str) -> Path:
+    """A checkpoint as a local folder: itself, or a copy of a remote one (made once per node,
+    shared by the actors there). Anything that is not a checkpoint is one clear error."""
+    folder = Folder(location)
+    if folder.local is not None:
+        read_config(folder.local)
+        return folder.local
+    cache = Path(tempfile.gettempdir()) / "raydiff-checkpoints" / hashlib.sha256(
+        folder.location.encode()).hexdigest()[:24]
+    if not cache.is_dir():
+        names = [n for n in folder.names() if n != "optimizer.pt"]  # sampling needs no optimizer
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            folder.download(names, tmp)
+    read_config(cache)
+    return cache
+
+
+def _check_job(job: SampleJob) -> None:
+    positive = {"--per-class": job.per_class, "--actors": job.actors,
+                "--forward-batch": job.forward_batch, "--shard-size": job.shard_size,
+                "--batch-size": job.batch_size or 1}
+    for flag, value in positive.items():
+        if value < 1:
+            raise RaydiffError(f"{flag} must be at least 1, got {value}")
+    if job.format not in FORMATS:
+        raise RaydiffError(f"--format {job.format!r} is not one of {', '.join(FORMATS)}")
+    if job.shard_size % job.forward_batch:
+        raise RaydiffError(f"--shard-size {job.shard_size} must be a multiple of "
+                           f"--forward-batch {job.forward_batch}")
+    if not 0 <= job.seed < 2 ** 31:
+        raise RaydiffError(f"--seed must be in [0, 2**31), got {job.seed}")
+    if job.gpus_per_actor < 0 or job.cpus_per_actor <= 0:
+        raise RaydiffError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
+
+
+def _check_classes(classes: tuple[int, ...] | None, num_classes: int) -> tuple[int, ...]:
+    if classes is None:
+        return tuple(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise RaydiffError(f"--classes {bad[0]} is out of range: the checkpoint has "
+                           f"{num_classes} classes (0 .. {num_classes - 1})")
+    if len(set(classes)) != len(classes) or not classes:
+        raise RaydiffError(f"--classes must be distinct and non-empty, got {list(classes)}")
+    return tuple(classes)
+
+
+def prepare_run(job: SampleJob) -> SampleRun:
+    """Validate the request against the checkpoint; nothing is written and Ray is not needed."""
+    _check_job(job)
+    checkpoint = resolve_checkpoint(job.checkpoint)
+    local = local_checkpoint(checkpoint)
+    cfg = read_config(local)
+    sample = dataclasses.replace(cfg.sample, **{k: v for k, v in (
+        ("sampler", job.sampler), ("steps", job.steps), ("guidance", job.guidance))
+        if v is not None})
+    cfg = dataclasses.replace(cfg, sample=sample)  # validates the sampler settings
+    classes = _check_classes(job.classes, cfg.model.num_classes)
+    plan = SamplePlan(classes, job.per_class, job.seed, job.shard_size)
+    identity = {
+        "checkpoint_ema_sha256": file_sha256(local / "ema.safetensors"),
+        "sampler": dataclasses.asdict(sample),
+        "forward_batch": job.forward_batch,
+        "seed": job.seed,
+        "classes": list(classes),
+        "per_class": job.per_class,
+        "shard_size": job.shard_size,
+        "resolution": cfg.model.resolution,
+        "num_classes": cfg.model.num_classes,
+    }
+    return SampleRun(job, plan, checkpoint, cfg, identity)
+
+
+# --- the output folder ----------------------------------------------------------------------
+
+def load_manifest(out: str | Path) -> dict:
+    folder = Folder(out)
+    where = folder.uri(MANIFEST)
+    try:
+        data = folder.read_json(MANIFEST)
+    except FileNotFoundError:
+        raise RaydiffError(f"{where} does not exist: not a 'raydiff sample' folder") from None
+    except json.JSONDecodeError as err:
+        raise RaydiffError(f"{where} line {err.lineno}: {err.msg}") from None
+    if data.get("kind") != "raydiff-samples" or "identity" not in data:
+        raise RaydiffError(f"{where} is not a raydiff sample manifest")
+    return data
+
+
+def _flat(identity: dict) -> dict:
+    """``{"sampler": {"steps": 4}}`` -> ``{"steps": 4}``: the names the command line uses."""
+    flat = {}
+    for key, value in identity.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _identity_differences(found: dict, wanted: dict) -> list[str]:
+    found, wanted = _flat(found), _flat(wanted)
+    return [f"{key}: {found.get(key)!r} there, {wanted[key]!r} requested"
+            for key in wanted if found.get(key) != wanted[key]]
+
+
+def claim_output(run: SampleRun) -> dict:
+    """The manifest of ``out``: a new one, or the existing one if it is the same run."""
+    out = Folder(run.job.out)
+    if out.is_file(MANIFEST):
+        manifest = load_manifest(out)
+        diffs = _identity_differences(manifest["identity"], run.identity)
+        if diffs:
+            raise RaydiffError(f"{out} holds a different sampling run ({diffs[0]}); "
+                               "choose another --out")
+        return manifest
+    if out.exists() and (not out.is_dir() or out.names()):
+        raise RaydiffError(f"{out} exists and is not a raydiff sample folder (no {MANIFEST})")
+    out.makedirs(SHARDS_DIR)
+    plan = run.plan
+    manifest = {
+        "kind": "raydiff-samples",
+        "format_version": FORMAT_VERSION,
+        "identity": run.identity,
+        "checkpoint": {"path": run.checkpoint, "weights": "ema",
+                       "step": Folder(run.checkpoint).read_json("state.json")["step"],
+                       "model": dataclasses.asdict(run.cfg.model)},
+        "seeds_rule": SEEDS_RULE,
+        "labels_rule": LABELS_RULE,
+        "num_images": plan.num_images,
+        "num_shards": plan.num_shards,
+        "class_counts": {str(c): plan.per_class for c in plan.classes},
+        "formats": [],
+        "complete": False,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "raydiff_version": raydiff.__version__,
+    }
+    out.write_json(MANIFEST, manifest)
+    return manifest
+
+
+def shard_name(shard: int) -> str:
+    return f"{SHARDS_DIR}/shard-{shard:05d}.parquet"
+
+
+def finished_shards(out: str | Path, plan: SamplePlan) -> set[int]:
+    """Shards on storage with the expected row count; stale temporary files are removed."""
+    folder = Folder(out)
+    for stale in folder.names(SHARDS_DIR, ".shard-*.tmp-*"):  # left by a killed run
+        folder.delete(f"{SHARDS_DIR}/{stale}")
+    present = set(folder.names(SHARDS_DIR, "shard-*.parquet"))
+    done = set()
+    for shard in range(plan.num_shards):
+        name = shard_name(shard)
+        start, stop = plan.shard_bounds(shard)
+        if name.split("/")[1] in present:
+            with folder.open_input_file(name) as f:
+                if pq.read_metadata(f).num_rows == stop - start:
+                    done.add(shard)
+    return done
+
+
+class ShardWriter:
+    """Collects actor output by shard and writes each shard when all its rows are in."""
+
+    def __init__(self, out: str | Path, plan: SamplePlan, todo: int):
+        self.out, self.plan = Folder(out), plan
+        self.parts: dict[int, list[dict]] = {}
+        self.rows: dict[int, int] = {}
+        self.written, self.images, self.todo = 0, 0, todo
+        self.start = time.monotonic()
+
+    def add(self, batch: dict) -> None:
+        shards = np.asarray(batch["index"]) // self.plan.shard_size
+        for shard in np.unique(shards):
+            take = shards == shard
+            self.parts.setdefault(int(shard), []).append(
+                {name: np.asarray(batch[name])[take] for name in _COLUMNS})
+            self.rows[int(shard)] = self.rows.get(int(shard), 0) + int(take.sum())
+            start, stop = self.plan.shard_bounds(int(shard))
+            if self.rows[int(shard)] == stop - start:
+                self._write(int(shard), start, stop)
+
+    def _write(self, shard: int, start: int, stop: int) -> None:
+        parts = self.parts.pop(shard)
+        columns = {name: np.concatenate([p[name] for p in parts]) for name in _COLUMNS}
+        order = np.argsort(columns["index"], kind="stable")
+        if not np.array_equal(columns["index"][order], np.arange(start, stop)):
+            raise RuntimeError(f"shard {shard}: rows do not cover indices {start}..{stop - 1}")
+        table = pa.table({name: pa.array(columns[name][order], SHARD_SCHEMA.field(name).type)
+                          for name in _COLUMNS}, schema=SHARD_SCHEMA)
+        self.out.write_bytes(shard_name(shard), to_buffer(
+            lambda f: pq.write_table(table, f, compression="NONE")))
+        del self.rows[shard]
+        self.written, self.images = self.written + 1, self.images + stop - start
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.written * (self.todo - self.written)
+        logger.info("sample: shard %d written (%d/%d of this run), %.1f images/s, ETA %s",
+                    shard, self.written, self.todo, self.images / elapsed,
+                    datetime.timedelta(seconds=round(eta)))
+
+
+# --- reading a sample folder ----------------------------------------------------------------
+
+def shard_paths(out: str | Path) -> list[str]:
+    """The shard files (paths or URIs) of a complete sample folder, in index order."""
+    folder, manifest = Folder(out), load_manifest(out)
+    present = set(folder.names(SHARDS_DIR, "shard-*.parquet"))
+    names = [shard_name(k) for k in range(manifest["num_shards"])]
+    missing = [n for n in names if n.split("/")[1] not in present]
+    if missing:
+        raise RaydiffError(f"{out} is incomplete: {len(missing)} of {len(names)} shards missing "
+                           f"(first: {missing[0]}); rerun the same 'raydiff sample' command")
+    return [folder.uri(n) for n in names]
+
+
+def read_samples(out: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A complete sample folder as (uint8 NHWC images, labels, seeds), in index order."""
+    folder = Folder(out)
+    paths = [folder.path(shard_name(k)) for k in range(len(shard_paths(out)))]
+    table = pq.read_table(paths, columns=["image", "label", "seed"], filesystem=folder.fs)
+    return (decode_images(table.column("image").to_pylist()),
+            table.column("label").to_numpy(), table.column("seed").to_numpy())
+
+
+def label_folder(label: int, num_classes: int) -> str:
+    """Zero-padded, so ImageFolder's sorted folder order is label order."""
+    return f"{label:0{len(str(max(num_classes - 1, 0)))}d}"
+
+
+def _shard_rows(out: str | Path):
+    """(index, label, PNG bytes) of every image, shard by shard."""
+    folder = Folder(out)
+    for k in range(len(shard_paths(out))):
+        with folder.open_input_file(shard_name(k)) as f:
+            table = pq.read_table(f, columns=["index", "label", "image"])
+        yield from zip(*(table.column(c).to_pylist() for c in ("index", "label", "image")))
+
+
+def _export_imagefolder(out: Folder, manifest: dict) -> None:
+    """images/<label>/<index>.png. Locally the folder appears whole (one rename); on an object
+    store each file does, and the manifest lists the format once all are there."""
+    num_classes = manifest["identity"]["num_classes"]
+    if out.local is None:
+        for index, label, data in _shard_rows(out.location):
+            out.write_bytes(f"{IMAGES_DIR}/{label_folder(label, num_classes)}/{index:08d}.png",
+                            data)
+        return
+    if (out.local / IMAGES_DIR).is_dir():
+        return
+    with atomic_path(out.local / IMAGES_DIR) as tmp:
+        for index, label, data in _shard_rows(out.location):
+            folder = tmp / label_folder(label, num_classes)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{index:08d}.png").write_bytes(data)
+
+
+def npz_name(manifest: dict) -> str:
+    res = manifest["identity"]["resolution"]
+    return f"samples_{manifest['num_images']}x{res}x{res}x3.npz"
+
+
+def _export_npz(out: Folder, manifest: dict) -> None:
+    if out.is_file(npz_name(manifest)):
+        return
+    images, labels, _ = read_samples(out.location)
+    with out.writing_file(npz_name(manifest)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=images, arr_1=labels)  # a file object: numpy adds no second ".npz"
+
+
+_EXPORTS = {"imagefolder": _export_imagefolder, "npz": _export_npz}
+
+
+def _finish(run: SampleRun, manifest: dict) -> dict:
+    out = Folder(run.job.out)
+    if run.job.format in _EXPORTS and run.job.format not in manifest["formats"]:
+        _EXPORTS[run.job.format](out, manifest)
+    formats = sorted(set(manifest["formats"]) | {"parquet", run.job.format})
+    manifest = {**manifest, "formats": formats, "complete": True}
+    out.write_json(MANIFEST, manifest)
+    return manifest
+
+
+# --- the Ray layer --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleResult:
+    out: str
+    manifest: dict
+    shards_sampled: int
+    shards_kept: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        sampled = min(self.shards_sampled * self.manifest["identity"]["shard_size"],
+                      self.manifest["num_images"])
+        return sampled / self.seconds if self.seconds > 0 else float("nan")
+
+
+def build_pipeline(run: SampleRun, skip: frozenset):
+    """The Ray Data dataset of the missing shards' images (lazy: nothing runs yet)."""
+    import ray
+
+    plan, job = run.plan, run.job
+    ds = ray.data.range(plan.num_shards * plan.shard_size, override_num_blocks=plan.num_shards)
+    ds = ds.map_batches(assign_labels_and_seeds, fn_kwargs={"plan": plan, "skip_shards": skip},
+                        batch_format="numpy", batch_size=None)
+    # Blocks of one batch, so that every actor gets work even when there are fewer shards
+    # than actors; the pieces start at multiples of the batch size within a shard, so they
+    # stay aligned with the forward blocks when the batch size is a multiple of them.
+    ds = ds.repartition(target_num_rows_per_block=run.batch_size)
+    ds = ds.map_batches(
+        SampleActor,
+        fn_constructor_kwargs={"checkpoint": run.checkpoint,
+                               "cfg": run.cfg.to_dict(), "forward_batch": job.forward_batch,
+                               "threads": max(1, int(job.cpus_per_actor)),
+                               "use_gpu": job.gpus_per_actor > 0},
+        compute=ray.data.ActorPoolStrategy(size=job.actors),
+        batch_size=run.batch_size, batch_format="numpy",
+        num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
+    return quiet(ds)
+
+
+def quiet(ds):
+    """No progress bars or execution banners: the shard log lines say how far it is."""
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    return ds
+
+
+def run_sampling(job: SampleJob) -> SampleResult:
+    """Sample what ``job.out`` lacks, then write the requested export and the manifest."""
+    from raydiff.train import init_ray
+
+    run = prepare_run(job)
+    manifest = claim_output(run)
+    done = finished_shards(job.out, run.plan)
+    todo = run.plan.num_shards - len(done)
+    start = time.monotonic()
+    if todo:
+        logger.info("sample: %d of %d shards to sample (%d on disk) into %s", todo,
+                    run.plan.num_shards, len(done), job.out)
+        init_ray(job.actors * job.cpus_per_actor)
+        writer = ShardWriter(job.out, run.plan, todo)
+        for batch in build_pipeline(run, frozenset(done)).iter_batches(batch_size=None,
+                                                                       batch_format="numpy"):
+            writer.add(batch)
+        missing = set(range(run.plan.num_shards)) - finished_shards(job.out, run.plan)
+        if missing:
+            raise RaydiffError(f"sampling ended with {len(missing)} shards missing "
+                               f"(first: {min(missing)}); rerun the same command")
+    seconds = time.monotonic() - start
+    manifest = _finish(run, manifest)
+    return SampleResult(str(job.out), manifest, todo, len(done), seconds)

@@ -1,0 +1,152 @@
+"""A folder on local disk, NFS or object storage (``s3://``, ``gs://``), with whole writes.
+
+Sample folders, evaluation outputs and checkpoints may live on the shared storage a cluster
+uses. Everything written through ``Folder`` appears whole or not at all: on a filesystem by
+writing a hidden temporary sibling and renaming it; on an object store because an object
+becomes visible only when its upload completes. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raydiff.errors import RaydiffError
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """A hidden temporary sibling of ``final`` (file or folder) to write into; renamed to
+    ``final`` when the block ends, removed if it raises. Readers never see half of it."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+class Folder:
+    """A local path or a URI, and pyarrow's filesystem for it."""
+
+    def __init__(self, location: str | Path):
+        self.location = str(location).rstrip("/")
+        if is_uri(self.location):
+            try:
+                self.fs, self.base = pafs.FileSystem.from_uri(self.location)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise RaydiffError(f"cannot open {self.location}: {err}") from None
+            self.local: Path | None = None
+        else:
+            self.local = Path(self.location).resolve()
+            self.fs, self.base = pafs.LocalFileSystem(), str(self.local)
+
+    def __str__(self) -> str:
+        return self.location
+
+    def path(self, relative: str) -> str:
+        """Inside the filesystem (what ``self.fs`` takes)."""
+        return posixpath.join(self.base, relative) if relative else self.base
+
+    def uri(self, relative: str) -> str:
+        """What Ray Data's readers and people take: a local path or a full URI."""
+        if self.local is not None:
+            return str(self.local / relative)
+        return f"{self.location}/{relative}" if relative else self.location
+
+    def sub(self, relative: str) -> Folder:
+        return Folder(self.uri(relative))
+
+    def exists(self, relative: str = "") -> bool:
+        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def is_file(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
+
+    def is_dir(self, relative: str = "") -> bool:
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.Directory
+
+    def names(self, relative: str = "", pattern: str = "*") -> list[str]:
+        """Sorted names of the entries directly in ``relative`` that match ``pattern``."""
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
+        names = [posixpath.basename(info.path) for info in self.fs.get_file_info(selector)]
+        return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+    def read_json(self, relative: str) -> dict:
+        return json.loads(self.read_bytes(relative).decode("utf-8"))
+
+    def open_input_file(self, relative: str):
+        return self.fs.open_input_file(self.path(relative))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        if self.local:
+            final = self.local / relative
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(final) as tmp:
+                tmp.write_bytes(data)
+            return
+        with self.fs.open_output_stream(self.path(relative)) as stream:
+            stream.write(data)
+
+    def write_json(self, relative: str, data: dict) -> None:
+        self.write_bytes(relative, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+    @contextmanager
+    def writing_file(self, relative: str) -> Iterator[Path]:
+        """A local file path to write (e.g. with numpy) that then appears at ``relative``."""
+        if self.local:
+            final = self.local / relative
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(final) as tmp:
+                yield tmp
+            return
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            tmp = Path(tmp_dir) / posixpath.basename(relative)
+            yield tmp
+            pafs.copy_files(str(tmp), self.path(relative), destination_filesystem=self.fs)
+
+    def delete(self, relative: str) -> None:
+        try:
+            self.fs.delete_file(self.path(relative))
+        except FileNotFoundError:
+            pass
+
+    def makedirs(self, relative: str = "") -> None:
+        self.fs.create_dir(self.path(relative), recursive=True)
+
+    def download(self, names: list[str], into: Path) -> Path:
+        """Copy the named files of this folder into a local folder."""
+        into.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (into / name).write_bytes(self.read_bytes(name))
+        return into
+
+
+def to_buffer(write) -> bytes:
+    """The bytes ``write(file_object)`` produces (Parquet tables, PNG charts, ...)."""
+    buffer = io.BytesIO()
+    write(buffer)
+    return buffer.getvalue()

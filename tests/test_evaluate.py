@@ -1,0 +1,149 @@
+"""``raydiff evaluate`` on the session's Ray against torch-fidelity in one process.
+
+The Inception weights are the random but calibrated file of the ``inception_weights`` fixture
+(the real ones are a download). 12 generated and 16 reference images: Inception costs about
+0.1 s per image on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+
+from raydiff import cli
+from raydiff.data.parquet import read_split_arrays
+from raydiff.evaluate import EvalJob, run_evaluation
+from raydiff.sample import SampleJob, read_samples, run_sampling
+
+REF_PER_CLASS = 4
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """uint8 NHWC arrays as the 3xHxW uint8 tensors torch-fidelity reads."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[i].copy()).permute(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def samples(ray_local, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "samples"
+    run_sampling(SampleJob(checkpoint=str(tiny_checkpoint), out=str(out), per_class=3,
+                           forward_batch=4, shard_size=8))
+    return out
+
+
+def first_per_class(images: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    seen: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(labels.tolist()):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= n:
+            keep.append(i)
+    return images[keep]
+
+
+@pytest.fixture(scope="module")
+def first_evaluation(samples, shapes16_tiny, inception_weights, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("feature-cache")
+    job = EvalJob(samples=str(samples), reference=str(shapes16_tiny), groups=True, per_class=True,
+                  inception_weights=str(inception_weights), actors=2, batch_size=4,
+                  reference_per_class=REF_PER_CLASS, cache_dir=str(cache))
+    return job, run_evaluation(job)
+
+
+def test_metrics_over_two_actors_equal_torch_fidelity_in_one_process(
+        first_evaluation, samples, shapes16_tiny, inception_weights):
+    _, result = first_evaluation
+    generated = read_samples(samples)[0]
+    reference = first_per_class(*read_split_arrays(shapes16_tiny, "reference"), REF_PER_CLASS)
+    expected = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, kid=True,
+        isc=True, prc=True, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(inception_weights), kid_subset_size=len(generated),
+        cuda=False, batch_size=8, cache=False, save_cpu_ram=True, verbose=False)
+    overall = result["sets"]["overall"]
+    assert (overall["num_generated"], overall["num_reference"]) == (12, 16)
+    assert overall["fid"] > 1.0  # the calibrated random weights give non-degenerate features
+    assert overall["fid"] == pytest.approx(expected["frechet_inception_distance"], rel=1e-4)
+    assert overall["kid_mean"] == pytest.approx(expected["kernel_inception_distance_mean"],
+                                                rel=1e-4)
+    assert overall["isc_mean"] == pytest.approx(expected["inception_score_mean"], rel=1e-4)
+    assert overall["precision"] == pytest.approx(expected["precision"])
+    assert overall["recall"] == pytest.approx(expected["recall"])
+
+
+def test_groups_per_class_and_outputs(first_evaluation, samples):
+    _, result = first_evaluation
+    # shapes16_tiny trains on 8, 6, 3, 2 images: 4 classes cut into thirds -> 2, 1, 1
+    assert result["groups"] == {"head": [0, 1], "body": [2], "tail": [3]}
+    sets = result["sets"]
+    assert [sets[g]["num_generated"] for g in ("head", "body", "tail")] == [6, 3, 3]
+    assert [sets[g]["num_reference"] for g in ("head", "body", "tail")] == [8, 4, 4]
+    assert all(np.isfinite(sets[g]["fid"]) for g in sets)
+    assert set(result["per_class_fid"]) == {"0", "1", "2", "3"}
+    assert result["per_class_fid_mean"] == pytest.approx(np.mean(list(
+        result["per_class_fid"].values())))
+    on_disk = json.loads((samples / "metrics.json").read_text())
+    assert on_disk["sets"]["overall"]["fid"] == pytest.approx(sets["overall"]["fid"])
+    assert (samples / "metrics.png").stat().st_size > 1000
+    assert result["reference_cache"] == "miss"
+
+
+def test_second_evaluation_reads_the_reference_features_from_the_cache(first_evaluation, tmp_path):
+    job, result = first_evaluation
+    from dataclasses import replace
+
+    again = run_evaluation(replace(job, actors=1, metrics=("fid",), groups=False,
+                                   per_class=False, out=str(tmp_path)))
+    assert again["reference_cache"] == "hit"
+    assert again["seconds"]["reference_features"] < 5
+    assert again["sets"]["overall"]["fid"] == pytest.approx(result["sets"]["overall"]["fid"],
+                                                            rel=1e-6)
+    assert set(again["sets"]["overall"]) == {"num_generated", "num_reference", "fid", "classes"}
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raydiff: error: "), lines
+    return lines[0]
+
+
+def test_bad_input_is_one_clear_line(capsys, samples, shapes_dataset, shapes16_tiny, tmp_path,
+                                     monkeypatch):
+    from raydiff.data.prepare import PrepareOptions, prepare_dataset
+
+    args = ["evaluate", "--samples", str(samples), "--reference"]
+    # shapes_dataset is 32 px; the samples are 16 px
+    assert "is 32x32 but the samples are 16x16" in _error_line(capsys, args + [str(shapes_dataset)])
+    three = tmp_path / "three-classes"
+    prepare_dataset(PrepareOptions(source="shapes", out=three, resolution=16, num_classes=3,
+                                   images_per_class=4, imbalance_ratio=2.0))
+    assert "has 3 classes but the samples' checkpoint has 4" in _error_line(
+        capsys, args + [str(three)])
+    assert "not a 'raydiff sample' folder" in _error_line(
+        capsys, ["evaluate", "--samples", str(tmp_path), "--reference", str(three)])
+    matching = args + [str(shapes16_tiny)]
+    assert "--metrics fid,foo: expected a comma-separated subset" in _error_line(
+        capsys, matching + ["--metrics", "fid,foo"])
+    # no weights file, none cached, no download: what to do, in one line
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    line = _error_line(capsys, matching + ["--no-download"])
+    assert "downloading is off; pass --inception-weights PATH" in line
+    # a weights file that is a pickle of more than tensors is refused before torch-fidelity
+    # would unpickle it with weights_only=False
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": torch.zeros(1), "payload": UInt8Images(np.zeros(1))}, evil)
+    line = _error_line(capsys, matching + ["--inception-weights", str(evil)])
+    assert "is not a plain Inception state dict" in line

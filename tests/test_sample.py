@@ -1,0 +1,194 @@
+"""``raydiff sample`` on the session's Ray: byte-identical output whatever the actors and batch
+size, resume after a kill, exports, and one clear line for each bad input.
+
+Tiny checkpoint (4 classes, 16 px), DDIM with few steps, a dozen images per run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raydiff import cli
+from raydiff.diffusion import GaussianDiffusion
+from raydiff.engine import load_for_sampling
+from raydiff.sample import (SampleJob, finished_shards, load_manifest, npz_name, prepare_run,
+                            read_samples, run_sampling, sample_aligned, shard_name)
+
+FAST = {"per_class": 3, "forward_batch": 4, "shard_size": 8}  # 12 images, 2 shards
+
+
+def shard_images(out: Path) -> list[bytes]:
+    """Every PNG of a sample folder, in index order (one list across shards)."""
+    table = pq.read_table(sorted((out / "shards").glob("shard-*.parquet")))
+    assert table.column("index").to_pylist() == list(range(table.num_rows))
+    return table.column("image").to_pylist()
+
+
+def test_sample_aligned_does_not_depend_on_how_rows_are_grouped(tiny_checkpoint):
+    model, cfg = load_for_sampling(tiny_checkpoint)
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    indices = np.arange(10)
+    labels, seeds = indices % 4, 1000 + indices
+
+    def run(rows):
+        return sample_aligned(model, diffusion, cfg.sample, indices[rows], labels[rows],
+                              seeds[rows], forward_batch=4)
+
+    whole = run(np.arange(10))
+    pieces = np.concatenate([run(np.arange(0, 3)), run(np.arange(3, 7)), run(np.arange(7, 10))])
+    shuffled = run(np.arange(10)[::-1])[::-1]
+    assert whole.dtype == np.uint8 and whole.shape == (10, 16, 16, 3)
+    np.testing.assert_array_equal(whole, pieces)
+    np.testing.assert_array_equal(whole, shuffled)
+
+
+@pytest.fixture(scope="module")
+def one_actor_run(ray_local, tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample") / "one-actor"
+    result = run_sampling(SampleJob(checkpoint=str(tiny_checkpoint), out=str(out), actors=1,
+                                    batch_size=4, **FAST))
+    assert (result.shards_sampled, result.shards_kept) == (2, 0)
+    return out
+
+
+def test_one_and_two_actors_and_two_batch_sizes_give_identical_bytes(
+        ray_local, tiny_checkpoint, one_actor_run, tmp_path):
+    # batch 6 is not a multiple of the forward batch: Ray's batches cut blocks, which padding
+    # must absorb without changing a byte
+    two = tmp_path / "two-actors"
+    run_sampling(SampleJob(checkpoint=str(tiny_checkpoint), out=str(two), actors=2,
+                           batch_size=6, **FAST))
+    assert shard_images(two) == shard_images(one_actor_run)
+
+    images, labels, seeds = read_samples(two)
+    assert labels.tolist() == [0, 1, 2, 3] * 3 and seeds.tolist() == list(range(12))
+    model, cfg = load_for_sampling(tiny_checkpoint)
+    in_process = sample_aligned(model, GaussianDiffusion(cfg.diffusion), cfg.sample,
+                                np.arange(12), labels, seeds, forward_batch=4)
+    np.testing.assert_array_equal(images, in_process)
+
+    manifest = load_manifest(two)
+    assert manifest["complete"] and manifest["num_images"] == 12
+    assert manifest["class_counts"] == {"0": 3, "1": 3, "2": 3, "3": 3}
+    assert manifest["identity"]["sampler"] == {"sampler": "ddim", "steps": 4, "eta": 0.0,
+                                               "guidance": 1.5}
+    assert len(manifest["identity"]["checkpoint_ema_sha256"]) == 64
+
+
+def test_exports_imagefolder_and_npz_from_the_shards(ray_local, tiny_checkpoint, one_actor_run):
+    from torchvision.datasets import ImageFolder
+
+    job = SampleJob(checkpoint=str(tiny_checkpoint), out=str(one_actor_run), format="imagefolder",
+                    **FAST)
+    result = run_sampling(job)  # the same run: nothing to sample, only the export
+    assert (result.shards_sampled, result.shards_kept) == (0, 2)
+    tree = ImageFolder(str(one_actor_run / "images"))
+    assert tree.classes == ["0", "1", "2", "3"]
+    assert np.bincount(tree.targets).tolist() == [3, 3, 3, 3]
+    images, labels, _ = read_samples(one_actor_run)
+    path, target = tree.samples[0]
+    assert Path(path).name == "00000000.png" and target == labels[0]
+    np.testing.assert_array_equal(np.asarray(tree[0][0]), images[0])
+
+    result = run_sampling(SampleJob(checkpoint=str(tiny_checkpoint), out=str(one_actor_run),
+                                    format="npz", **FAST))
+    assert result.manifest["formats"] == ["imagefolder", "npz", "parquet"]
+    with np.load(one_actor_run / npz_name(result.manifest)) as npz:
+        assert npz.files == ["arr_0", "arr_1"]
+        np.testing.assert_array_equal(npz["arr_0"], images)  # uint8 NHWC, ADM's layout
+        np.testing.assert_array_equal(npz["arr_1"], labels)
+    assert not list(one_actor_run.glob(".*tmp*"))
+
+
+def test_checkpoint_and_output_given_as_uris(ray_local, tiny_checkpoint, one_actor_run,
+                                             tmp_path):
+    # file:// goes through the same pyarrow filesystem code as s3:// or gs:// (objects written
+    # whole, checkpoint copied to each node); the run folder resolves to its latest checkpoint
+    out = tmp_path / "uri-out"
+    result = run_sampling(SampleJob(checkpoint=f"file://{tiny_checkpoint.parent}",
+                                    out=f"file://{out}", format="npz", **FAST))
+    assert result.manifest["checkpoint"]["path"] == f"file://{tiny_checkpoint}"
+    assert shard_images(out) == shard_images(one_actor_run)
+    with np.load(out / npz_name(result.manifest)) as npz:
+        np.testing.assert_array_equal(npz["arr_0"], read_samples(one_actor_run)[0])
+
+
+def test_killed_run_resumes_with_exactly_the_missing_shards(ray_local, tiny_checkpoint, tmp_path):
+    out = tmp_path / "killed"
+    # 32 images in 8 shards, 40 DDIM steps: long enough to kill between shards
+    args = ["sample", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--per-class",
+            "8", "--steps", "40", "--forward-batch", "4", "--shard-size", "4",
+            "--batch-size", "4"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "raydiff.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("shards/shard-*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no shard appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run = prepare_run(SampleJob(checkpoint=str(tiny_checkpoint), out=str(out), per_class=8,
+                                steps=40, forward_batch=4, shard_size=4))
+    kept = finished_shards(out, run.plan)
+    assert 1 <= len(kept) < 8, kept
+    # every visible shard is whole; a write cut short would only leave a hidden temporary
+    for path in out.glob("shards/shard-*.parquet"):
+        assert pq.read_metadata(path).num_rows == 4
+    (out / "shards" / ".shard-00009.tmp-12345").write_bytes(b"half a shard")
+    stamps = {k: (out / shard_name(k)).stat().st_mtime_ns for k in kept}
+
+    code = cli.main(args)
+    assert code == 0
+    result_manifest = load_manifest(out)
+    assert result_manifest["complete"]
+    assert {k: (out / shard_name(k)).stat().st_mtime_ns for k in kept} == stamps  # not redone
+    images, labels, seeds = read_samples(out)
+    assert seeds.tolist() == list(range(32))  # every index once, in order
+    assert np.bincount(labels).tolist() == [8, 8, 8, 8]
+    assert not list((out / "shards").glob(".*"))
+    model, cfg = load_for_sampling(tiny_checkpoint)
+    again = sample_aligned(model, GaussianDiffusion(cfg.diffusion), run.cfg.sample,
+                           np.arange(28, 32), labels[28:], seeds[28:], forward_batch=4)
+    np.testing.assert_array_equal(images[28:], again)
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raydiff: error: ")
+    return lines[0]
+
+
+def test_bad_input_is_one_clear_line(capsys, tiny_checkpoint, one_actor_run, tmp_path):
+    base = ["sample", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "new"),
+            "--per-class", "3"]
+    line = _error_line(capsys, ["sample", "--checkpoint", str(tmp_path), "--out",
+                                str(tmp_path / "x"), "--per-class", "3"])
+    assert "is not a raydiff checkpoint: missing config.json" in line
+    assert "--per-class must be at least 1, got 0" in _error_line(
+        capsys, base[:-1] + ["0"])
+    assert "--classes 4 is out of range" in _error_line(capsys, base + ["--classes", "0,4"])
+    assert "must be a multiple of --forward-batch 32" in _error_line(
+        capsys, base + ["--shard-size", "100"])
+    line = _error_line(capsys, ["sample", "--checkpoint", str(tiny_checkpoint), "--out",
+                                str(one_actor_run), "--per-class", "3", "--forward-batch", "4",
+                                "--shard-size", "8", "--guidance", "0"])
+    assert "holds a different sampling run (guidance: 1.5 there, 0.0 requested)" in line
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    line = _error_line(capsys, base[:4] + [str(tmp_path / "foreign"), "--per-class", "3"])
+    assert "is not a raydiff sample folder" in line
+    assert not (tmp_path / "new").exists()  # nothing was written for any bad request

@@ -132,3 +132,21 @@ def test_train_job_refuses_storage_that_dies_with_the_job(ray_dashboard_url):
                               "--storage", "runs")
     logs = wait(ray_dashboard_url, submission_id, expected="FAILED")
     assert "--storage must be a URI" in logs
+
+
+def test_sample_job_writes_a_balanced_set_and_a_resubmitted_job_keeps_it(ray_dashboard_url,
+                                                                        tmp_path):
+    from raydiff import config as config_lib
+    from raydiff.engine import Engine
+
+    cfg = config_lib.resolve("tiny", overrides=["model.resolution=16", "model.num_classes=4"])
+    checkpoint = Engine(cfg).save(tmp_path / "run" / "checkpoint_000000000")
+    out = tmp_path / "samples"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--per-class", "3",
+            "--steps", "3", "--forward-batch", "4", "--shard-size", "8"]
+    logs = run_job(ray_dashboard_url, "jobs/sample.py", *args)
+    assert "12 images, 3 per class" in logs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_images"] == 12
+    logs = run_job(ray_dashboard_url, "jobs/sample.py", *args)
+    assert "shards were already on disk" in logs

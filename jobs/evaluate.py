@@ -1,14 +1,14 @@
 """``raydiff evaluate`` as a Ray job.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/evaluate.py --samples /shared/raydiff/samples/c10-ccua-50k \
+        python jobs/evaluate.py --samples s3://BUCKET/raydiff/samples/c10-ccua \
         --reference s3://BUCKET/raydiff/datasets/cifar10-lt --groups --per-class \
-        --inception-weights /shared/weights/weights-inception-2015-12-05-6726825d.pth \
+        --inception-weights /shared/weights-inception-2015-12-05-6726825d.pth \
         --actors 4 --gpus-per-actor 1
 
 It takes the arguments of ``raydiff evaluate`` and runs the same code. ``--samples`` (and
-``--out``, ``--cache-dir``, ``--inception-weights`` when given) must be absolute paths that
-every node shares; ``--reference`` may also be a URI. Reference features are cached under
+``--out``, ``--cache-dir``, ``--inception-weights`` when given) must be URIs or absolute paths
+that every node shares (the weights and the cache: paths). Reference features are cached under
 ``--cache-dir`` (default: the driver node's ~/.cache/raydiff), so an evaluation submitted again
 skips the reference's feature pass; metrics.json and metrics.png are written whole.
 """

@@ -1,0 +1,40 @@
+"""``raydiff demo`` end to end on the session's Ray, shortened (10 training steps, 2 images per
+class): first without the Inception weights (one line says so, the rest is reported), then
+again with them, reusing the finished training run and sample folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raydiff import cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_without_then_with_inception_weights(ray_local, inception_weights, tmp_path,
+                                                  monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached weights
+    args = ["demo", "--storage", str(tmp_path), "--steps", "10", "--per-class", "2",
+            "--actors", "1", "--reference-per-class", "2"]
+    assert cli.main(args + ["--no-download"]) == 0
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if line.startswith("FID/KID/IS/PR skipped")]
+    assert len(skipped) == 1 and "--inception-weights PATH" in skipped[0]
+    assert "class balance: 2 .. 2 images per class" in out
+    assert "nearest training image" in out and "training: 10 steps" in out
+    run = tmp_path / "demo"
+    report = (run / "report.md").read_text()
+    assert skipped[0] in report and "![samples](samples_grid.png)" in report
+    assert (run / "samples_grid.png").is_file() and (run / "samples" / "manifest.json").is_file()
+
+    assert cli.main(args + ["--inception-weights", str(inception_weights)]) == 0
+    out = capsys.readouterr().out
+    assert "training: reused the finished run (10 steps)" in out
+    assert "(already complete)" in out and "skipped" not in out
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(metrics["sets"]) == {"overall", "head", "body", "tail"}
+    assert metrics["sets"]["overall"]["num_generated"] == 20
+    assert metrics["sets"]["overall"]["num_reference"] == 20
+    assert "| overall | 20 |" in (run / "report.md").read_text()

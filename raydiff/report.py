@@ -28,7 +28,7 @@ def _present(sets: dict) -> list[tuple[str, str, str]]:
             if any(s.get(col[0]) is not None for s in sets.values())]
 
 
-def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, fmt: str,
+def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str,
            values: list[tuple[str, float | None]], font) -> None:
     draw.text((x0 + 8, 6), title, fill=(0, 0, 0), font=font)
     finite = [v for _, v in values if v is not None and np.isfinite(v)]
@@ -42,7 +42,7 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, fmt: str,
             bar = int(height * abs(value) / top)
             draw.rectangle([left, base_y - bar, left + width - 8, base_y],
                            fill=_SET_COLOURS.get(name, (120, 120, 120)))
-            draw.text((left, base_y - bar - 12), fmt.format(value), fill=(0, 0, 0), font=font)
+            draw.text((left, base_y - bar - 12), f"{value:.4g}", fill=(0, 0, 0), font=font)
         draw.text((left, base_y + 4), name, fill=(0, 0, 0), font=font)
 
 
@@ -52,9 +52,8 @@ def metrics_chart(result: dict) -> Image.Image:
     columns = _present(sets) or [("fid", "FID", "{:.2f}")]
     image = Image.new("RGB", (_PANEL_W * len(columns), _PANEL_H), (255, 255, 255))
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    for i, (key, label, fmt) in enumerate(columns):
-        _panel(draw, i * _PANEL_W, label, fmt, [(name, s.get(key)) for name, s in sets.items()],
-               font)
+    for i, (key, label, _) in enumerate(columns):
+        _panel(draw, i * _PANEL_W, label, [(name, s.get(key)) for name, s in sets.items()], font)
     return image
 
 

@@ -277,7 +277,8 @@ def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], re
         per_class = metrics_lib.per_class_fid(gen.features, gen.labels, ref.features, ref.labels,
                                               classes)
         out["per_class_fid"] = {str(c): v for c, v in per_class.items()}
-        out["per_class_fid_mean"] = float(np.mean(list(per_class.values())))
+        finite = [v for v in per_class.values() if np.isfinite(v)]  # NaN: under 2 images
+        out["per_class_fid_mean"] = float(np.mean(finite)) if finite else float("nan")
     return out
 
 

@@ -5,6 +5,7 @@ The pipeline (``run_sampling``)::
     ray.data.range(num_shards * shard_size)        image indices, one block per shard
       .map_batches(assign_labels_and_seeds)        (label, seed) per index; drops the indices
                                                    past the end and those of shards on disk
+      .repartition(target_num_rows_per_block=B)    work for every actor, even with few shards
       .map_batches(SampleActor, ActorPoolStrategy(size=actors), num_gpus=...)
                                                    EMA network loaded once per actor; PNG bytes
       -> ShardWriter (driver)                      one Parquet file per shard, written atomically
@@ -15,8 +16,8 @@ counts per class are exact and any prefix of shards is balanced) and seed
 
 Why a fixed forward batch: one seed per image is not enough for identical bytes, because the
 network is not batch-invariant: oneDNN on CPU (cuDNN on GPU) picks kernels by batch shape, so
-the same image computed in a batch of 7 or of 32 can differ by ~1e-6, which can flip a uint8
-pixel. ``sample_aligned`` therefore always runs the network on blocks of exactly
+the same image computed in a batch of 1 or of 32 differs by up to ~2e-5 (measured on the
+2-core development machine with the demo's checkpoint), which flips uint8 pixel values. ``sample_aligned`` therefore always runs the network on blocks of exactly
 ``forward_batch`` images, block b holding indices [b M, (b+1) M) each at its fixed position;
 rows a block lacks (the set ends there, or Ray's batch boundary cut it) are padding, computed
 and thrown away. Whatever the number of actors or the Ray Data batch size, every image is
@@ -30,10 +31,14 @@ Output folder::
     OUT/images/<label>/<index>.png     --format imagefolder (torchvision ImageFolder reads it)
     OUT/samples_NxHxWx3.npz            --format npz: arr_0 uint8 NHWC, arr_1 labels (ADM's)
 
-Resume: a shard file exists only once complete (temporary name, then rename), so a rerun of
-the same command samples just the missing shards. The Parquet shards are the record of the
-run; ``imagefolder`` and ``npz`` are exports made from them once every shard exists, each
-renamed into place whole. A folder that holds a different run is refused.
+OUT (and the checkpoint) may be a path or a URI (``s3://``, ``gs://``; ``raydiff.storage``).
+
+Resume: a shard file exists only once complete (a temporary name renamed into place; on an
+object store, an object appears when its upload completes), so a rerun of the same command
+samples just the missing shards. The Parquet shards are the record of the run;
+``imagefolder`` and ``npz`` are exports made from them once every shard exists, and the
+manifest lists a format once its export is complete. A folder that holds a different run is
+refused.
 """
 
 from __future__ import annotations

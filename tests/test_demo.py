@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 def test_demo_without_then_with_inception_weights(ray_local, inception_weights, tmp_path,
                                                   monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached weights
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # reference features
     args = ["demo", "--storage", str(tmp_path), "--steps", "10", "--per-class", "2",
             "--actors", "1", "--reference-per-class", "2"]
     assert cli.main(args + ["--no-download"]) == 0

@@ -81,7 +81,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 def check_weights_file(path: str | Path) -> None:
     """Refuse a weights file that is more than tensors before torch-fidelity unpickles it.
 
-    torch-fidelity loads the file with ``torch.load(weights_only=False)``, which would run
+    torch-fidelity unpickles the file in full (weights-only loading off), which would run
     whatever code a pickle carries; reading it once with ``weights_only=True`` first means
     only plain state dicts ever get that far.
     """

@@ -1,7 +1,13 @@
-"""UCL with negatives gathered across data-parallel workers (two gloo processes)."""
+"""UCL with negatives gathered across data-parallel workers (two gloo processes).
+
+The workers are spawned, never forked, and report through files: the test process may be a Ray
+driver (the suite shares one), and a fork of it (a forked ``multiprocessing.Manager`` server,
+say) inherits its gRPC sockets and keeps them open after the driver closes them.
+"""
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,7 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, z_all: torch.Tensor, w_all: torch.Tensor, out: dict):
+def _worker(rank: int, world: int, port: int, z_all: torch.Tensor, w_all: torch.Tensor,
+            out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -27,15 +34,16 @@ def _worker(rank: int, world: int, port: int, z_all: torch.Tensor, w_all: torch.
         w = w_all[start:start + ROWS[rank]]
         loss = ucl_loss(z, w, 0.2, global_negatives=True)
         loss.backward()
-        out[rank] = (loss.detach(), z.grad.clone())
+        torch.save({"loss": loss.detach(), "grad": z.grad.clone()}, Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_global_negatives_equal_one_big_batch():
+def test_global_negatives_equal_one_big_batch(tmp_path):
     z_all, w_all = torch.randn(sum(ROWS), 6), torch.rand(sum(ROWS))
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), z_all, w_all, out), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(2, _free_port(), z_all, w_all, str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    out = {r: torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)}
 
     # Reference: every row is an anchor against all 8 rows in one process.
     z_ref = z_all.clone().requires_grad_(True)
@@ -47,7 +55,7 @@ def test_global_negatives_equal_one_big_batch():
     rank_losses = [per_row[:3].mean(), per_row[3:].mean()]
     (rank_losses[0] + rank_losses[1]).backward()
     for rank, (lo, hi) in enumerate([(0, 3), (3, 8)]):
-        loss, grad = out[rank]
+        loss, grad = out[rank]["loss"], out[rank]["grad"]
         assert torch.allclose(loss, rank_losses[rank].detach(), rtol=1e-5)
         assert torch.allclose(grad, z_ref.grad[lo:hi], atol=1e-6)
 

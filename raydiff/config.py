@@ -80,6 +80,7 @@ class SampleConfig:
     steps: int = 100
     eta: float = 0.0
     guidance: float = 1.5  # CFG weight w in eps_c + w (eps_c - eps_u)
+    clip_x0: bool = False  # clamp each step's x0 prediction to [-1, 1] (clip_denoised)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,9 @@ def _tiny() -> Config:
                           num_res_blocks=1, dropout=0.0),
         optim=OptimConfig(lr=1e-3, warmup_steps=20, batch_size=32, total_steps=300,
                           ema_decay=0.99),
-        sample=SampleConfig(steps=20),
+        # A few hundred steps leave x0 predictions that overshoot the data range at large t;
+        # clamping them turns noisy previews into recognisable shapes.
+        sample=SampleConfig(steps=20, clip_x0=True),
         train=TrainConfig(log_every=10, ckpt_every=100),
     )
 

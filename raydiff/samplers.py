@@ -1,7 +1,8 @@
 """DDPM and DDIM sampling loops, classifier-free guidance, one random stream per image.
 
 Samplers are plain functions with one signature (k-diffusion style):
-``sampler(model_fn, diffusion, labels, noise, shape, steps=..., eta=...) -> x0 in [-1, 1]``,
+``sampler(model_fn, diffusion, labels, noise, shape, steps=..., eta=..., clip_x0=...) -> x0 in
+[-1, 1]``,
 where ``model_fn(x_t, t, y) -> eps`` and ``noise`` draws every random number of image i from
 image i's own generator (EDM's StackedRandomGenerator). A sample therefore depends only on
 (seed, label, settings), never on the batch size or the position in the batch, which is what
@@ -55,6 +56,19 @@ def guided_model_fn(model: nn.Module, null_label: int, guidance: float) -> Model
     return model_fn
 
 
+def denoised(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The x0 and eps a step uses. With ``clip_x0`` the x0 prediction is clamped to the data
+    range and eps recomputed from it, as guided-diffusion's samplers do (``clip_denoised``): an
+    under-trained model's x0 overshoots [-1, 1] at large t, and the clamp keeps the trajectory
+    on the data range."""
+    x0 = diffusion.predict_x0(x, t, eps)
+    if not clip_x0:
+        return x0, eps
+    x0 = x0.clamp(-1, 1)
+    return x0, diffusion.predict_eps(x, t, x0)
+
+
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """Evenly spaced subsequence, descending: 100 of 1000 steps = 990, 980, ..., 0."""
     if not 1 <= steps <= num_timesteps:
@@ -64,14 +78,13 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.Tensor,
                 noise: ImageNoise, shape: Sequence[int], steps: int = 100,
-                eta: float = 0.0) -> torch.Tensor:
+                eta: float = 0.0, clip_x0: bool = False) -> torch.Tensor:
     """DDIM (Song et al. 2021, Eq. 12); eta = 0 is deterministic given x_T."""
     x = noise.randn(shape)
     seq = ddim_timesteps(diffusion.num_timesteps, steps)
     for t_cur, t_prev in zip(seq, seq[1:] + [-1]):
         t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
-        eps = model_fn(x, t, labels)
-        x0 = diffusion.predict_x0(x, t, eps)
+        x0, eps = denoised(diffusion, x, t, model_fn(x, t, labels), clip_x0)
         ab_t = diffusion.alpha_bar_at(t, x)
         ab_prev = diffusion.alpha_bar_at(torch.full_like(t, t_prev), x)
         sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
@@ -83,7 +96,7 @@ def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.T
 
 def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.Tensor,
                 noise: ImageNoise, shape: Sequence[int], steps: int | None = None,
-                eta: float = 1.0) -> torch.Tensor:
+                eta: float = 1.0, clip_x0: bool = False) -> torch.Tensor:
     """Ancestral sampling over all T steps with the "fixedlarge" variance (pytorch-ddpm).
 
     ``steps`` and ``eta`` exist only to share the sampler signature; ancestral sampling
@@ -93,8 +106,8 @@ def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.T
     x = noise.randn(shape)
     for t_cur in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
-        eps = model_fn(x, t, labels)
-        mean = diffusion.posterior_mean(diffusion.predict_x0(x, t, eps), x, t)
+        x0, _ = denoised(diffusion, x, t, model_fn(x, t, labels), clip_x0)
+        mean = diffusion.posterior_mean(x0, x, t)
         if t_cur > 0:
             x = mean + diffusion.at(diffusion.fixedlarge_std, t, x) * noise.randn(shape)
         else:
@@ -120,7 +133,7 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, labels: Sequen
     model_fn = guided_model_fn(model, mcfg.num_classes, cfg.guidance)
     shape = (mcfg.in_channels, mcfg.resolution, mcfg.resolution)
     return SAMPLERS[cfg.sampler](model_fn, diffusion, y, ImageNoise(seeds, device), shape,
-                                steps=cfg.steps, eta=cfg.eta)
+                                steps=cfg.steps, eta=cfg.eta, clip_x0=cfg.clip_x0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -75,6 +75,39 @@ def test_ddpm_with_gaussian_oracle_matches_data_spread():
     assert abs(x.mean().item()) < 0.05
 
 
+def _clip_reference(model_fn):
+    """guided-diffusion's clip_denoised written as a model: eps re-derived from clamped x0."""
+    def clipped(x_t, t, y):
+        x0 = DIFFUSION.predict_x0(x_t, t, model_fn(x_t, t, y)).clamp(-1, 1)
+        return DIFFUSION.predict_eps(x_t, t, x0)
+    return clipped
+
+
+@pytest.mark.parametrize("sampler,kw", [(ddim_sample, {"steps": 10}),
+                                        (ddim_sample, {"steps": 10, "eta": 1.0}),
+                                        (ddpm_sample, {})])
+def test_clip_x0_clamps_each_prediction_and_leaves_an_exact_oracle_alone(sampler, kw):
+    # A model whose x0 predictions leave [-1, 1] and couple neighbouring pixels, so that a
+    # clamped pixel changes the later predictions of the others.
+    def overshoot(x_t, t, y):
+        ab = DIFFUSION.at(DIFFUSION.alpha_bar, t, x_t)
+        x0 = 1.5 * ab.sqrt() * (x_t + x_t.roll(1, -1)) / 2
+        return DIFFUSION.predict_eps(x_t, t, x0)
+
+    x0_star = torch.rand(1, *SHAPE) * 1.6 - 0.8
+    labels = torch.zeros(2, dtype=torch.long)
+    clipped = sampler(overshoot, DIFFUSION, labels, ImageNoise([3, 4]), SHAPE, clip_x0=True, **kw)
+    reference = sampler(_clip_reference(overshoot), DIFFUSION, labels, ImageNoise([3, 4]), SHAPE,
+                        **kw)
+    plain = sampler(overshoot, DIFFUSION, labels, ImageNoise([3, 4]), SHAPE, **kw)
+    assert torch.allclose(clipped, reference, atol=1e-5)
+    assert (clipped - plain).abs().max() > 1e-2, "clip_x0 changed nothing"
+    # An exact model of data inside [-1, 1] never predicts out of range late in sampling.
+    exact = sampler(delta_oracle(x0_star), DIFFUSION, labels, ImageNoise([3, 4]), SHAPE,
+                    clip_x0=True, **kw)
+    assert torch.allclose(exact, x0_star.expand_as(exact), atol=1e-4)
+
+
 def _random_unet() -> UNet:
     torch.manual_seed(0)
     model = UNet(ModelConfig(resolution=8, ch=32, ch_mult=(1, 2), attn_resolutions=(4,),

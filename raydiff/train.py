@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 import warnings
@@ -338,7 +339,22 @@ def init_ray(num_cpus_hint: float | None = None) -> None:
         return
     # Locally, workers reserve CPUs that Ray Data's decode tasks also need: leave one over.
     cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_hint or 0)) + 1)
-    ray.init(num_cpus=cpus)
+    # Ray Train's placement-group cleaner finds its cluster through RAY_ADDRESS, or else by
+    # scanning the machine, which fails when another Ray runs beside this one; it then leaks
+    # each finished run's placement group, and a later run waits forever for those CPUs.
+    # So the local head starts on a port chosen here, and every worker is told its address.
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node as it starts
+    try:
+        ray.init(num_cpus=cpus, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
+    if ray.get_runtime_context().gcs_address != address:
+        raise RuntimeError(f"local Ray started at {ray.get_runtime_context().gcs_address}, "
+                           f"not at {address}")
 
 
 def prepare_job(job: TrainJob) -> tuple[TrainJob, parquet.DatasetInfo, int]:

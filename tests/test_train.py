@@ -138,3 +138,28 @@ def test_bad_requests_fail_before_any_worker_starts(ray_local, shapes16, tmp_pat
         prepare_job(job(shapes16, tmp_path, "x", gpus_per_worker=1.0))
     with pytest.raises(RaydiffError, match="does not split evenly over 3 workers"):
         prepare_job(job(shapes16, tmp_path, "x", workers=3))
+
+
+LOCAL_RAY_SCRIPT = """
+import os, ray
+from raydiff.train import init_ray
+init_ray(1)
+
+@ray.remote
+def state_api_from_a_worker():
+    from ray.util.state import list_actors
+    list_actors()  # finds the cluster the way Ray Train's placement-group cleaner does
+    return os.environ["RAY_ADDRESS"]
+
+assert ray.get(state_api_from_a_worker.remote()) == ray.get_runtime_context().gcs_address
+print("ok")
+"""
+
+
+def test_local_ray_beside_another_tells_its_workers_where_it_is(ray_head):
+    # The session's cluster is running, so a scan of the machine finds two Rays; Ray Train's
+    # cleaner then dies and leaks each run's placement group (a Tune search hung on it).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", LOCAL_RAY_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

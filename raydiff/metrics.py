@@ -11,7 +11,8 @@ from sufficient statistics (sum and sum of outer products, float64) that are acc
 by batch and merge across workers, so a million images never need one covariance pass.
 
 Class groups follow the long-tail literature (METHOD.md, "Evaluation protocol"): classes
-ranked by training count and cut into thirds, head / body / tail.
+ranked by training count and cut into thirds, head / body / tail. Long-tailed recognition also
+cuts by absolute training count, many / medium / few shot (``shot_groups``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ import torch
 from raydiff.data.resample import class_ranks
 
 GROUPS = ("head", "body", "tail")
+SHOT_GROUPS = ("many", "medium", "few")
+# Liu et al. 2019 (OLTR), the thresholds of ImageNet-LT / Places-LT papers since: many-shot
+# classes have more than 100 training images, few-shot fewer than 20, medium the rest.
+MANY_SHOT_ABOVE = 100
+FEW_SHOT_BELOW = 20
 METRICS = ("fid", "kid", "isc", "prc")
 FEATURE_DIM = 2048
 
@@ -47,6 +53,16 @@ def class_groups(train_counts: Sequence[int]) -> np.ndarray:
     """
     ranks = class_ranks(train_counts)
     return ranks * len(GROUPS) // max(len(ranks), 1)
+
+
+def shot_groups(train_counts: Sequence[int]) -> np.ndarray:
+    """Shot group per class (0 many: > 100 training images, 1 medium: 20-100, 2 few: < 20).
+
+    On a small dataset some groups are empty (no class of the built-in shapes dataset at its
+    default size is few-shot); ``class_groups`` gives the thirds, which always exist.
+    """
+    counts = np.asarray(train_counts)
+    return np.where(counts > MANY_SHOT_ABOVE, 0, np.where(counts < FEW_SHOT_BELOW, 2, 1))
 
 
 @dataclass

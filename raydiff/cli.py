@@ -191,7 +191,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     job = EvalJob(
         samples=args.samples, reference=args.reference, metrics=args.metrics, groups=args.groups,
-        per_class=args.per_class, inception_weights=args.inception_weights,
+        per_class=args.per_class, features=args.features,
+        inception_weights=args.inception_weights,
         download=not args.no_download, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size or 32,
         reference_per_class=args.reference_per_class, cache_dir=args.cache_dir, out=args.out)
@@ -199,6 +200,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(metrics_table(result))
     if "per_class_fid_mean" in result:
         print(f"per-class FID, mean over classes: {result['per_class_fid_mean']:.2f}")
+    if "classifier_accuracy" in result:
+        accuracy = result["classifier_accuracy"]
+        groups = {**accuracy["groups"], **accuracy["shot_groups"]}
+        print("classifier top-1 on the generated images: " + ", ".join(
+            f"{name} {group['top1']:.3f}" for name, group in groups.items()
+            if group["top1"] is not None))
     out = Path(args.out or args.samples)
     print(f"reference features: cache {result['reference_cache']}; wrote {out / METRICS_FILE} "
           f"and {out / CHART_FILE}")
@@ -231,12 +238,106 @@ def _add_evaluate(subparsers) -> None:
                    help=f"comma-separated subset of {','.join(METRICS)} (default: all)")
     p.add_argument("--groups", action="store_true", help="also per head / body / tail group")
     p.add_argument("--per-class", action="store_true", help="also FID per class, and its mean")
+    p.add_argument("--features", default="inception", metavar="inception|classifier:CKPT",
+                   help="feature space: torch-fidelity's Inception (default), or the penultimate "
+                        "layer of a 'raydiff classify' checkpoint or run folder (no download; "
+                        "also reports its top-1 on the samples per class and group)")
     add_inception_arguments(p)
     p.add_argument("--cache-dir", help="reference feature cache "
                                        "(default: ~/.cache/raydiff/reference-features)")
     p.add_argument("--out", help="where metrics.json and metrics.png go (default: --samples)")
     add_actor_arguments(p, "images per Inception batch (default: 32)")
     p.set_defaults(func=_run_evaluate)
+
+
+def _classifier_config(args: argparse.Namespace):
+    from raydiff.classifier import ClassifierConfig
+
+    return ClassifierConfig(
+        arch=args.arch, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        crop_padding=args.crop_padding, hflip=not args.no_hflip, seed=args.seed,
+        ckpt_every=args.ckpt_every)
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    from raydiff.classify import (CHART_FILE, COMPARISON_FILE, RESULTS_FILE, ClassifyJob,
+                                  compare, run_classify)
+    from raydiff.report import comparison_table
+
+    if args.compare:
+        print(compare(args.compare, args.out))
+        if args.out:
+            print(f"wrote {args.out.rstrip('/')}/{COMPARISON_FILE}")
+        return 0
+    if not args.train:
+        raise RaydiffError("--train DATASET_DIR is required (or --compare RUN_DIR ...)")
+    cfg = _classifier_config(args)
+    out = args.out or f"{args.storage.rstrip('/')}/{args.name or 'classify-' + cfg.arch}"
+    job = ClassifyJob(data=args.train, out=out, cfg=cfg, synthetic=tuple(args.synthetic),
+                      mix=args.mix, split=args.split, workers=args.workers,
+                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                      max_failures=args.max_failures)
+    results = run_classify(job)
+    print(comparison_table([(out, results)]))
+    print(f"checkpoint: {results['checkpoint']}; wrote {out.rstrip('/')}/{RESULTS_FILE} and "
+          f"{CHART_FILE}")
+    return 0
+
+
+def _add_classify(subparsers) -> None:
+    from raydiff.classifier import ARCHS, ClassifierConfig
+    from raydiff.data.mixing import RULES
+
+    defaults = ClassifierConfig()
+    p = subparsers.add_parser(
+        "classify", help="train a classifier on real (+ synthetic) data with Ray Train and "
+                         "report top-1 per class group",
+        description="Train a torchvision ResNet on a prepared dataset's training split, "
+                    "optionally with balanced synthetic samples, with Ray Train (DDP); evaluate "
+                    "top-1 on the balanced reference split overall, per class, per many (>100 "
+                    "training images) / medium / few (<20) shot group and per head/body/tail "
+                    "third. Writes results.json and results.png into the run folder; the same "
+                    "command again resumes. --compare RUN_DIR ... prints a table of runs.")
+    p.add_argument("--train", metavar="DATASET_DIR", help="a prepared dataset")
+    p.add_argument("--synthetic", nargs="+", action="extend", default=[], metavar="SAMPLES_DIR",
+                   help="'raydiff sample' folders to mix in (repeatable)")
+    p.add_argument("--mix", help=f"{' | '.join(RULES)}: N synthetic images per class, or every "
+                                 "class up to the head count (default: topup with --synthetic)")
+    p.add_argument("--split", choices=("train", "reference"), default="train",
+                   help="train on the long-tailed split (default) or the balanced reference "
+                        "split, for a feature extractor ('evaluate --features classifier:RUN')")
+    p.add_argument("--out", help="the run folder (default: <storage>/<name>); with --compare, "
+                                 "where comparison.md goes")
+    p.add_argument("--name", help="run name under --storage when --out is not given "
+                                  "(default: classify-<arch>)")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                   help="print (and with --out write) a table of finished runs, then exit")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="worker failures to recover from the latest checkpoint")
+    group = p.add_argument_group("classifier (defaults: the CIFAR-LT recipe)")
+    group.add_argument("--arch", choices=sorted(ARCHS), default=defaults.arch)
+    group.add_argument("--width", type=int, default=defaults.width,
+                       help=f"stem channels, stages x1 x2 x4 x8 (default {defaults.width})")
+    group.add_argument("--epochs", type=int, default=defaults.epochs)
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="global batch, split over the workers")
+    group.add_argument("--lr", type=float, default=defaults.lr,
+                       help="peak learning rate (default: 0.1 x batch size / 128)")
+    group.add_argument("--momentum", type=float, default=defaults.momentum)
+    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    group.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs,
+                       help="linear warm-up, then cosine decay to 0")
+    group.add_argument("--crop-padding", type=int, default=defaults.crop_padding,
+                       help="random-crop padding in px (default: resolution / 8)")
+    group.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
+    group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every,
+                       help="epochs between checkpoints")
+    add_cluster_arguments(p)
+    p.set_defaults(func=_run_classify)
 
 
 def _add_demo(subparsers) -> None:
@@ -271,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_sample(subparsers)
     _add_evaluate(subparsers)
+    _add_classify(subparsers)
     _add_demo(subparsers)
     _add_tune(subparsers)
     return parser

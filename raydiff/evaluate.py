@@ -7,15 +7,19 @@ Pipeline (``run_evaluation``)::
 
     the reference split, the same way (rows keyed by position), unless its features are cached
 
-Features are torch-fidelity's ``inception-v3-compat`` (``raydiff.features``); the metrics are
-finished by ``raydiff.metrics`` with torch-fidelity's own functions. The generated set is
+Features are torch-fidelity's ``inception-v3-compat``, or with ``--features classifier:CKPT``
+the penultimate layer of a ``raydiff classify`` checkpoint (``raydiff.features``); the metrics
+are finished by ``raydiff.metrics`` with torch-fidelity's own functions. With a classifier, its
+top-1 on the generated images (does a tail sample look like its class?) is reported per set and
+per class, and IS is computed from its logits (in [1, num_classes]). The generated set is
 compared with the reference images of the same classes: overall, and with ``--groups`` for the
 head / body / tail thirds of the classes ranked by training count (taken from the reference
 dataset's ``dataset.json``), optionally per class (``--per-class``).
 
 Reference features are cached on disk under a key made of the reference's identity (a hash of
-its dataset.json and reference shards), the per-class cap, the feature extractor and the hash
-of its weights file, so a second evaluation against the same reference skips its feature pass.
+its dataset.json and reference shards), the per-class cap, the feature extractor's name and the
+hash of its weights (a classifier's: of its weights and config), so a second evaluation against
+the same reference skips its feature pass.
 """
 
 from __future__ import annotations
@@ -35,9 +39,8 @@ from raydiff import metrics as metrics_lib
 from raydiff.data import parquet
 from raydiff.data.images import decode_images
 from raydiff.errors import RaydiffError
-from raydiff.features import (EXTRACTOR, InceptionFeatures, check_weights_file, file_sha256,
-                              resolve_weights)
-from raydiff.metrics import FEATURE_DIM, GROUPS, METRICS, FeatureStats
+from raydiff.features import Extractor, resolve_extractor
+from raydiff.metrics import GROUPS, METRICS, FeatureStats
 from raydiff.sample import load_manifest, quiet, shard_paths
 from raydiff.storage import Folder, atomic_path, to_buffer
 
@@ -45,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 CHART_FILE = "metrics.png"
-LOGITS_DIM = 1008  # torch-fidelity's InceptionV3 has 1008 outputs (TF's 1001 + padding)
 CACHE_VERSION = 1
 
 
@@ -58,6 +60,7 @@ class EvalJob:
     metrics: tuple[str, ...] = METRICS
     groups: bool = False
     per_class: bool = False
+    features: str = "inception"  # or classifier:CKPT (a 'raydiff classify' checkpoint or run)
     inception_weights: str | None = None
     download: bool = True
     actors: int = 1
@@ -101,14 +104,27 @@ def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo]:
     return manifest, info
 
 
+def check_extractor(extractor: Extractor, info: parquet.DatasetInfo) -> None:
+    """A classifier must tell the dataset's classes apart at its image side."""
+    if extractor.kind != "classifier":
+        return
+    if extractor.num_classes != info.num_classes:
+        raise RaydiffError(f"--features classifier:{extractor.path} has {extractor.num_classes} "
+                           f"classes but the reference has {info.num_classes}")
+    if extractor.resolution != info.resolution:
+        raise RaydiffError(f"--features classifier:{extractor.path} was trained on "
+                           f"{extractor.resolution} px images but the reference is "
+                           f"{info.resolution} px")
+
+
 # --- feature extraction in Ray Data actors ----------------------------------------------------
 
-class InceptionActor:
-    """Ray Data actor: PNG bytes -> Inception features (and logits), weights loaded once."""
+class FeatureActor:
+    """Ray Data actor: PNG bytes -> features (and logits), the extractor loaded once."""
 
-    def __init__(self, weights: str, threads: int, use_gpu: bool, with_logits: bool):
+    def __init__(self, extractor: dict, threads: int, use_gpu: bool, with_logits: bool):
         torch.set_num_threads(threads)
-        self.net = InceptionFeatures(weights, "cuda" if use_gpu else "cpu")
+        self.net = Extractor(**extractor).load("cuda" if use_gpu else "cpu")
         self.with_logits = with_logits
 
     def __call__(self, batch: dict) -> dict:
@@ -143,9 +159,9 @@ class FeatureSet:
     logits: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, n: int, with_logits: bool) -> FeatureSet:
-        return cls(np.zeros((n, FEATURE_DIM), np.float32), np.full(n, -1, np.int64),
-                   np.zeros((n, LOGITS_DIM), np.float32) if with_logits else None)
+    def empty(cls, n: int, extractor: Extractor, with_logits: bool) -> FeatureSet:
+        return cls(np.zeros((n, extractor.feature_dim), np.float32), np.full(n, -1, np.int64),
+                   np.zeros((n, extractor.logits_dim), np.float32) if with_logits else None)
 
     def add(self, batch: dict) -> None:
         keys = np.asarray(batch["key"])
@@ -155,13 +171,15 @@ class FeatureSet:
             self.logits[keys] = batch["logits"]
 
 
-def _extract(ds, job: EvalJob, weights: Path, feature_set: FeatureSet, on_batch=None) -> None:
+def _extract(ds, job: EvalJob, extractor: Extractor, feature_set: FeatureSet,
+             on_batch=None) -> None:
     import ray
 
     ds = ds.repartition(target_num_rows_per_block=job.batch_size)  # work for every actor
     ds = ds.map_batches(
-        InceptionActor,
-        fn_constructor_kwargs={"weights": str(weights), "threads": max(1, int(job.cpus_per_actor)),
+        FeatureActor,
+        fn_constructor_kwargs={"extractor": asdict(extractor),
+                               "threads": max(1, int(job.cpus_per_actor)),
                                "use_gpu": job.gpus_per_actor > 0,
                                "with_logits": feature_set.logits is not None},
         compute=ray.data.ActorPoolStrategy(size=job.actors), batch_size=job.batch_size,
@@ -174,7 +192,7 @@ def _extract(ds, job: EvalJob, weights: Path, feature_set: FeatureSet, on_batch=
         raise RuntimeError(f"{int((feature_set.labels < 0).sum())} images got no features")
 
 
-def sample_features(job: EvalJob, manifest: dict, weights: Path, groups: np.ndarray,
+def sample_features(job: EvalJob, manifest: dict, extractor: Extractor, groups: np.ndarray,
                     with_logits: bool) -> tuple[FeatureSet, list[FeatureStats]]:
     """Features of every generated image, and their sufficient statistics per class group,
     accumulated in float64 as batches arrive."""
@@ -182,15 +200,15 @@ def sample_features(job: EvalJob, manifest: dict, weights: Path, groups: np.ndar
 
     ds = ray.data.read_parquet(shard_paths(job.samples), columns=["index", "label", "image"])
     ds = ds.map_batches(key_by_index, batch_format="numpy", batch_size=None)
-    stats = [FeatureStats() for _ in GROUPS]
+    stats = [FeatureStats(dim=extractor.feature_dim) for _ in GROUPS]
 
     def accumulate(batch: dict) -> None:
         batch_groups = groups[np.asarray(batch["label"])]
         for g, group_stats in enumerate(stats):
             group_stats.update(np.asarray(batch["feat"])[batch_groups == g])
 
-    feature_set = FeatureSet.empty(manifest["num_images"], with_logits)
-    _extract(ds, job, weights, feature_set, accumulate)
+    feature_set = FeatureSet.empty(manifest["num_images"], extractor, with_logits)
+    _extract(ds, job, extractor, feature_set, accumulate)
     return feature_set, stats
 
 
@@ -220,11 +238,11 @@ def _reference_positions(reference: str, per_class: int | None) -> dict[str, int
     return positions
 
 
-def reference_features(job: EvalJob, weights: Path, weights_sha: str) -> tuple[FeatureSet, bool]:
+def reference_features(job: EvalJob, extractor: Extractor) -> tuple[FeatureSet, bool]:
     """The reference's features from the cache, or extracted (and cached); True on a hit."""
     key_data = {"version": CACHE_VERSION, "reference": reference_identity(job.reference),
-                "per_class": job.reference_per_class, "extractor": EXTRACTOR,
-                "weights_sha256": weights_sha}
+                "per_class": job.reference_per_class, "extractor": extractor.name,
+                "weights_sha256": extractor.sha256}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
     folder = Path(job.cache_dir or default_cache_dir()) / key
     if (folder / "meta.json").is_file():
@@ -237,8 +255,8 @@ def reference_features(job: EvalJob, weights: Path, weights_sha: str) -> tuple[F
                                columns=["image", "label", "source"])
     ds = ds.map_batches(key_by_source, fn_kwargs={"positions": positions}, batch_format="numpy",
                         batch_size=None)
-    feature_set = FeatureSet.empty(len(positions), with_logits=False)
-    _extract(ds, job, weights, feature_set)
+    feature_set = FeatureSet.empty(len(positions), extractor, with_logits=False)
+    _extract(ds, job, extractor, feature_set)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if not folder.exists():  # else another evaluation filled the cache meanwhile
         with atomic_path(folder) as tmp:
@@ -253,8 +271,9 @@ def reference_features(job: EvalJob, weights: Path, weights_sha: str) -> tuple[F
 # --- metrics ----------------------------------------------------------------------------------
 
 def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], ref: FeatureSet,
-                groups: np.ndarray, classes: list[int]) -> dict:
-    """Overall and per-group metrics, and per-class FID when asked."""
+                groups: np.ndarray, classes: list[int], classifier: bool = False) -> dict:
+    """Overall and per-group metrics, and per-class FID when asked; with ``classifier`` (the
+    logits are a classifier's), its top-1 on the generated images of every set."""
     sets = {"overall": list(classes)}
     if job.groups:
         sets.update({name: [c for c in classes if groups[c] == g]
@@ -272,6 +291,9 @@ def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], re
             job.metrics, stats, FeatureStats.of(ref.features[in_ref]), gen.features[in_gen],
             ref.features[in_ref], None if gen.logits is None else gen.logits[in_gen])
         results[name]["classes"] = members
+        if classifier:  # its top-1 on the generated images of the set
+            results[name]["classifier_top1"] = float(
+                (gen.logits[in_gen].argmax(1) == gen.labels[in_gen]).mean())
     out = {"sets": results}
     if job.per_class:
         per_class = metrics_lib.per_class_fid(gen.features, gen.labels, ref.features, ref.labels,
@@ -307,21 +329,23 @@ def run_evaluation(job: EvalJob) -> dict:
     from raydiff.train import init_ray
 
     manifest, info = check_job(job)
-    weights = resolve_weights(job.inception_weights, download=job.download)
-    check_weights_file(weights)
-    weights_sha = file_sha256(weights)
+    extractor = resolve_extractor(job.features, job.inception_weights, job.download)
+    check_extractor(extractor, info)
+    classifier = extractor.kind == "classifier"
     init_ray(job.actors * job.cpus_per_actor)
     start = time.monotonic()
-    ref, cache_hit = reference_features(job, weights, weights_sha)
+    ref, cache_hit = reference_features(job, extractor)
     ref_seconds = time.monotonic() - start
     groups = metrics_lib.class_groups(info.counts("train"))
-    gen, gen_stats = sample_features(job, manifest, weights, groups, "isc" in job.metrics)
+    gen, gen_stats = sample_features(job, manifest, extractor, groups,
+                                     "isc" in job.metrics or classifier)
     features_seconds = time.monotonic() - start
     classes = [int(c) for c in manifest["identity"]["classes"]]
     result = {
         "samples": str(job.samples), "reference": str(job.reference),
-        "feature_extractor": {"name": EXTRACTOR, "weights": str(weights),
-                              "weights_sha256": weights_sha},
+        "feature_extractor": {"name": extractor.name, "weights": extractor.path,
+                              "weights_sha256": extractor.sha256,
+                              "feature_dim": extractor.feature_dim},
         "settings": {**{k: v for k, v in asdict(job).items()
                         if k in ("metrics", "groups", "per_class", "reference_per_class")},
                      "kid_subsets": metrics_lib.KID_SUBSETS, "isc_splits": metrics_lib.ISC_SPLITS,
@@ -329,11 +353,22 @@ def run_evaluation(job: EvalJob) -> dict:
                      "prc_max_images": metrics_lib.PRC_MAX_IMAGES},
         "groups": {name: [c for c in range(info.num_classes) if groups[c] == g]
                    for g, name in enumerate(GROUPS)},
-        **compute_all(job, gen, gen_stats, ref, groups, classes),
+        **compute_all(job, gen, gen_stats, ref, groups, classes, classifier),
         "reference_cache": "hit" if cache_hit else "miss",
         "seconds": {"reference_features": round(ref_seconds, 2),
                     "sample_features": round(features_seconds - ref_seconds, 2),
                     "metrics": round(time.monotonic() - start - features_seconds, 2)},
     }
+    if classifier:
+        result["classifier_accuracy"] = classifier_accuracy(gen, info)
     _write_outputs(Folder(job.out or job.samples), result)
     return result
+
+
+def classifier_accuracy(gen: FeatureSet, info: parquet.DatasetInfo) -> dict:
+    """The classifier's top-1 on the generated images per class, per head/body/tail third and
+    per many/medium/few-shot group (groups cut by the real training counts)."""
+    from raydiff.classifier import accuracy_report, correct_counts
+
+    correct, total = correct_counts(gen.logits.argmax(1), gen.labels, info.num_classes)
+    return accuracy_report(correct, total, info.counts("train"), info.class_names)

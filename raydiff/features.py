@@ -1,11 +1,20 @@
-"""The Inception feature extractor of the evaluation protocol, and where its weights come from.
+"""Feature extractors for evaluation: the Inception network of the protocol, or a classifier.
 
 torch-fidelity's ``inception-v3-compat`` (TF-compatible InceptionV3, METHOD.md "Evaluation
 protocol") gives two outputs per image: ``2048`` (pool3 features: FID, KID, P/R) and
 ``logits_unbiased`` (the Inception Score). Its weights are a 95 MB download; on a machine
 without network they must be given as a file (``--inception-weights``), and
 ``resolve_weights`` says so in one line (``WeightsUnavailable``) instead of a traceback.
-No Ray here: ``raydiff.evaluate`` runs ``InceptionFeatures`` inside Ray Data actors.
+
+``classifier:CKPT`` (``--features``) uses a ``raydiff classify`` checkpoint instead, best one
+trained on the balanced reference split (``--split reference``): its penultimate layer is the
+feature space of FID, KID and P/R, a domain-specific one that needs no download, and its
+logits give the Inception Score formula over the dataset's own classes (so IS lies in
+[1, num_classes] and is not comparable with Inception IS) and the classifier's top-1 on the
+generated images. Either way an ``Extractor`` names the network and the hash of its weights,
+which is what keys the reference-feature cache.
+
+No Ray here: ``raydiff.evaluate`` loads an ``Extractor`` inside Ray Data actors.
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ import hashlib
 import logging
 import pickle
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYERS = ("2048", "logits_unbiased")
+INCEPTION_DIMS = (2048, 1008)  # pool3 features; logits (TF's 1001 classes + padding)
+CLASSIFIER_PREFIX = "classifier:"
 _DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -111,3 +124,54 @@ class InceptionFeatures:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device)
         features, logits = self.model(x)
         return features.cpu().numpy(), logits.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """Which network turns images into (features, logits): plain data, so it travels to Ray
+    actors, and what metrics.json and the reference-feature cache key name."""
+
+    kind: str  # inception | classifier
+    name: str  # inception-v3-compat | classifier:<arch>
+    path: str  # the weights file, or the classifier checkpoint folder
+    sha256: str  # of the weights (classifier: and of its config, which holds the normalisation)
+    feature_dim: int
+    logits_dim: int
+    num_classes: int | None = None  # classifier: the classes it tells apart
+    resolution: int | None = None  # classifier: the image side it was trained on
+
+    def load(self, device: str | torch.device = "cpu") -> Callable:
+        """A callable uint8 NHWC -> (float32 features, float32 logits)."""
+        if self.kind == "inception":
+            return InceptionFeatures(self.path, device)
+        from raydiff.classifier import ClassifierFeatures
+
+        return ClassifierFeatures(self.path, device)
+
+
+def inception_extractor(path: str | Path | None = None, download: bool = True) -> Extractor:
+    weights = resolve_weights(path, download=download)
+    check_weights_file(weights)
+    return Extractor("inception", EXTRACTOR, str(weights), file_sha256(weights), *INCEPTION_DIMS)
+
+
+def classifier_extractor(location: str) -> Extractor:
+    """A ``raydiff classify`` checkpoint (or run folder: its latest checkpoint) as extractor."""
+    from raydiff.classifier import ARCHS, ClassifierConfig, checkpoint_sha256, read_meta
+    from raydiff.classifier import resolve_checkpoint
+
+    path = resolve_checkpoint(location)
+    cfg = ClassifierConfig.from_dict(read_meta(path)["config"])
+    feature_dim = 8 * cfg.width * ARCHS[cfg.arch][0].expansion
+    return Extractor("classifier", f"{CLASSIFIER_PREFIX}{cfg.arch}", path, checkpoint_sha256(path),
+                     feature_dim, cfg.num_classes, cfg.num_classes, cfg.resolution)
+
+
+def resolve_extractor(spec: str, inception_weights: str | None = None,
+                      download: bool = True) -> Extractor:
+    """``inception`` or ``classifier:CKPT`` (the ``--features`` value) as an Extractor."""
+    if spec == "inception":
+        return inception_extractor(inception_weights, download)
+    if spec.startswith(CLASSIFIER_PREFIX) and spec[len(CLASSIFIER_PREFIX):]:
+        return classifier_extractor(spec[len(CLASSIFIER_PREFIX):])
+    raise RaydiffError(f"--features {spec!r}: expected inception or classifier:CHECKPOINT")

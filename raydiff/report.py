@@ -1,5 +1,6 @@
-"""What evaluation and the demo leave for people: a metrics chart, a metrics table, and a sample
-grid with one row per class. Pillow only (no plotting library is a dependency)."""
+"""What evaluation, classification and the demo leave for people: metrics and accuracy charts,
+metrics and comparison tables, and a sample grid with one row per class. Pillow only (no
+plotting library is a dependency)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ METRIC_COLUMNS = (
     ("isc_mean", "IS", "{:.3f}"),
     ("precision", "Precision", "{:.3f}"),
     ("recall", "Recall", "{:.3f}"),
+    ("classifier_top1", "Classifier top-1", "{:.3f}"),  # --features classifier:CKPT
 )
 _SET_COLOURS = {"overall": (70, 70, 70), "head": (31, 119, 180), "body": (255, 127, 14),
-                "tail": (214, 39, 40)}
+                "tail": (214, 39, 40), "many": (44, 160, 44), "medium": (148, 103, 189),
+                "few": (140, 86, 75)}
+_MAX_CLASS_BARS = 50  # more classes than this: per-class top-1 is in results.json only
 _PANEL_W, _PANEL_H, _PAD = 230, 200, 28
 
 
@@ -29,21 +33,26 @@ def _present(sets: dict) -> list[tuple[str, str, str]]:
 
 
 def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str,
-           values: list[tuple[str, float | None]], font) -> None:
+           values: list[tuple[str, float | None]], font, panel_w: int = _PANEL_W,
+           colours: list[str] | None = None, top: float | None = None) -> None:
+    """Bars of ``values``, coloured by name (or by ``colours``, set names, one per bar), the
+    tallest as high as the panel unless ``top`` fixes the scale."""
     draw.text((x0 + 8, 6), title, fill=(0, 0, 0), font=font)
     finite = [v for _, v in values if v is not None and np.isfinite(v)]
-    top = max([abs(v) for v in finite] + [1e-12])
+    top = top or max([abs(v) for v in finite] + [1e-12])
     base_y, height = _PANEL_H - _PAD, _PANEL_H - 2 * _PAD - 10
-    width = (_PANEL_W - 20) // max(len(values), 1)
-    draw.line([(x0 + 8, base_y), (x0 + _PANEL_W - 8, base_y)], fill=(0, 0, 0))
+    width = (panel_w - 20) // max(len(values), 1)
+    label_chars = max(1, (width - 2) // 6)  # the default font is 6 px wide
+    draw.line([(x0 + 8, base_y), (x0 + panel_w - 8, base_y)], fill=(0, 0, 0))
     for i, (name, value) in enumerate(values):
         left = x0 + 12 + i * width
+        colour = _SET_COLOURS.get(colours[i] if colours else name, (120, 120, 120))
         if value is not None and np.isfinite(value):
             bar = int(height * abs(value) / top)
-            draw.rectangle([left, base_y - bar, left + width - 8, base_y],
-                           fill=_SET_COLOURS.get(name, (120, 120, 120)))
-            draw.text((left, base_y - bar - 12), f"{value:.4g}", fill=(0, 0, 0), font=font)
-        draw.text((left, base_y + 4), name, fill=(0, 0, 0), font=font)
+            draw.rectangle([left, base_y - bar, left + max(width - 8, 2), base_y], fill=colour)
+            draw.text((left, base_y - bar - 12), f"{value:.4g}"[:label_chars + 1],
+                      fill=(0, 0, 0), font=font)
+        draw.text((left, base_y + 4), name[:label_chars], fill=(0, 0, 0), font=font)
 
 
 def metrics_chart(result: dict) -> Image.Image:
@@ -80,3 +89,55 @@ def class_rows_grid(images: np.ndarray, labels: np.ndarray, class_order: Sequenc
         picked = list(images[labels == c][:per_row])
         tiles.extend(picked + [blank] * (per_row - len(picked)))
     return image_grid(np.stack(tiles), per_row)
+
+
+def _groups_present(groups: dict) -> list[tuple[str, float | None]]:
+    return [(name, group["top1"]) for name, group in groups.items() if group["classes"]]
+
+
+def accuracy_chart(results: dict) -> Image.Image:
+    """``raydiff classify``: top-1 on the reference split overall and per many/medium/few
+    group, per head/body/tail third, and per class from head to tail (coloured by third)."""
+    evaluation = results["evaluation"]
+    panels = [("top-1: overall, shot groups",
+               [("overall", evaluation["top1"])] + _groups_present(evaluation["shot_groups"]),
+               _PANEL_W, None),
+              ("top-1: head / body / tail", _groups_present(evaluation["groups"]), _PANEL_W,
+               None)]
+    names = list(evaluation["per_class"])
+    if len(names) <= _MAX_CLASS_BARS:
+        order = sorted(range(len(names)), key=lambda c: -results["train_counts"][c])
+        third = {c: name for name, g in evaluation["groups"].items() for c in g["classes"]}
+        panels.append(("top-1 per class, head to tail",
+                       [(names[c], evaluation["per_class"][names[c]]) for c in order],
+                       max(_PANEL_W, 20 + 36 * len(names)), [third[c] for c in order]))
+    image = Image.new("RGB", (sum(p[2] for p in panels), _PANEL_H), (255, 255, 255))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    x0 = 0
+    for title, values, panel_w, colours in panels:
+        _panel(draw, x0, title, values, font, panel_w, colours, top=1.0)
+        x0 += panel_w
+    return image
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def comparison_table(runs: list[tuple[str, dict]]) -> str:
+    """``raydiff classify`` runs side by side: the mix and top-1 (%) on the reference split,
+    overall, per shot group and per third; group sizes (classes) in the header, from the
+    first run."""
+    first = runs[0][1]["evaluation"]
+    kinds = [("shot_groups", name) for name in first["shot_groups"]] + \
+            [("groups", name) for name in first["groups"]]
+    header = [f"{name} ({len(first[kind][name]['classes'])})" for kind, name in kinds]
+    lines = ["| run | mix | real | synthetic | top-1 | " + " | ".join(header) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(kinds)]
+    for label, results in runs:
+        evaluation, mixed = results["evaluation"], results["mix"]
+        cells = [_percent(evaluation[kind].get(name, {}).get("top1")) for kind, name in kinds]
+        lines.append(f"| {label} | {mixed['rule']} | {mixed['real_images']} | "
+                     f"{mixed['synthetic_images']} | {_percent(evaluation['top1'])} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)

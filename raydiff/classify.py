@@ -1,0 +1,355 @@
+"""``raydiff classify``: a classifier trained with Ray Train on long-tailed real data, optionally
+mixed with balanced synthetic samples, evaluated on the balanced reference split.
+
+The driver (``run_classify``) checks the request, reads the training split and the sample
+folders, mixes them (``raydiff.data.mixing``) and puts the decoded arrays in Ray's object
+store once; every worker reads them from there (zero-copy on its node) and trains on its
+shard of every global batch (``raydiff.classifier.epoch_batches``: disjoint shards, the same
+number of steps on every worker, DDP all-reduces the gradients). The arrays are held in
+memory: right for CIFAR-LT and for 64 px ImageNet-LT (about 1.4 GB); larger data would want a
+Ray Data pipeline as ``raydiff train`` has.
+
+Storage and resume are ``raydiff train``'s: the run folder ``--out`` is Ray Train's
+``storage_path/name``; a checkpoint (``raydiff.classifier`` format) is written every
+``ckpt_every`` epochs and at the end; running the same command again resumes from the
+latest one Ray registered, a finished run is not trained again, and a worker that dies is
+restarted from it (``--max-failures``). After the last epoch the workers evaluate their shares
+of the reference split; the driver writes ``results.json`` (written whole) and
+``results.png`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raydiff.classifier import (META_FILE, ClassifierConfig, ClassifierTrainer, accuracy_report,
+                                config_differences, correct_counts, fit_to_data, predict,
+                                steps_per_epoch)
+from raydiff.data import parquet
+from raydiff.data.mixing import MixedSet, MixRule, load_synthetic, mix
+from raydiff.engine import NonFiniteLossError
+from raydiff.errors import RaydiffError
+from raydiff.metrics import FEW_SHOT_BELOW, MANY_SHOT_ABOVE
+from raydiff.runlog import RunLog
+from raydiff.storage import Folder, is_uri, to_buffer
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+CHART_FILE = "results.png"
+COMPARISON_FILE = "comparison.md"
+SPLITS = ("train", "reference")
+
+
+@dataclass(frozen=True)
+class ClassifyJob:
+    """A ``raydiff classify`` request; the CLI and ``jobs/classify.py`` build one."""
+
+    data: str  # a prepared dataset
+    out: str  # the run folder (path or URI): checkpoints, logs, results.json, results.png
+    cfg: ClassifierConfig = ClassifierConfig()
+    synthetic: tuple[str, ...] = ()  # 'raydiff sample' folders
+    mix: str | None = None  # a MixRule; None: topup with synthetic folders, none without
+    split: str = "train"  # reference: the balanced split (a feature extractor for evaluate)
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    eval_batch_size: int = 256
+
+
+@dataclass
+class ClassifyPlan:
+    """A checked job and the data it trains and evaluates on."""
+
+    job: ClassifyJob
+    cfg: ClassifierConfig  # fitted to the data
+    info: parquet.DatasetInfo
+    mixed: MixedSet
+    reference: tuple[np.ndarray, np.ndarray]
+    done_steps: int  # where a relaunch resumes (0: a new run)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * steps_per_epoch(len(self.mixed.labels), self.cfg.batch_size)
+
+    def record(self) -> dict:
+        """What the checkpoints keep about the data; a relaunch must match it to resume."""
+        return {"data": self.job.data, "split": self.job.split,
+                "synthetic": list(self.job.synthetic),
+                "mix": self.mixed.counts(self.info.class_names),
+                "train_counts": list(self.info.counts("train")),
+                "class_names": list(self.info.class_names)}
+
+
+def storage_and_name(out: str) -> tuple[str, str]:
+    """Ray Train's (storage_path, name) for a run folder."""
+    if is_uri(out):
+        parent, name = posixpath.split(out.rstrip("/"))
+        return parent, name
+    path = Path(out).resolve()
+    return str(path.parent), path.name
+
+
+# --- driver-side checks -------------------------------------------------------------------------
+
+def _mix_rule(job: ClassifyJob) -> MixRule:
+    rule = MixRule.parse(job.mix or ("topup" if job.synthetic else "none"))
+    if rule.kind != "none" and not job.synthetic:
+        raise RaydiffError(f"--mix {rule} needs --synthetic SAMPLES_DIR")
+    if rule.kind == "none" and job.synthetic:
+        raise RaydiffError("--mix none with --synthetic: the samples would not be used")
+    return rule
+
+
+def _check_job(job: ClassifyJob) -> None:
+    if job.workers < 1:
+        raise RaydiffError(f"--workers must be at least 1, got {job.workers}")
+    if job.split not in SPLITS:
+        raise RaydiffError(f"--split {job.split!r}: expected one of {', '.join(SPLITS)}")
+    if job.cfg.batch_size % job.workers:
+        raise RaydiffError(f"--batch-size {job.cfg.batch_size} does not split evenly over "
+                           f"{job.workers} workers")
+
+
+def check_resume(job: ClassifyJob, cfg: ClassifierConfig, record: dict) -> int:
+    """The step a relaunch resumes from (0: a new run); refuses a run of another classifier
+    or another training set before any worker starts."""
+    from raydiff.train import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(*storage_and_name(job.out))
+    if latest is None:
+        return 0
+    meta = Folder(latest).read_json(META_FILE)
+    diffs = config_differences(ClassifierConfig.from_dict(meta["config"]), cfg)
+    diffs += [f"{key}: checkpoint {meta.get(key)!r}, requested {record[key]!r}"
+              for key in ("split", "mix", "train_counts") if meta.get(key) != record[key]]
+    if meta["epoch"] > cfg.epochs or (meta["epoch"] == cfg.epochs and "evaluation" not in meta):
+        diffs.append(f"epochs: the run is at epoch {meta['epoch']}, --epochs {cfg.epochs} "
+                     "would end it without its evaluation")
+    if diffs:
+        raise RaydiffError(f"cannot resume {job.out} from {posixpath.basename(latest)}: "
+                           f"{diffs[0]}; choose another --out")
+    return int(meta["step"])
+
+
+def prepare_classify(job: ClassifyJob) -> ClassifyPlan:
+    """Validate the request and read the data; needs no Ray (``check_resources`` does)."""
+    _check_job(job)
+    rule = _mix_rule(job)
+    info = parquet.load_info(job.data)
+    real_images, real_labels = parquet.read_split_arrays(job.data, job.split)
+    synthetic_images, synthetic_labels = load_synthetic(job.synthetic, info, job.data)
+    mixed = mix(real_images, real_labels, synthetic_images, synthetic_labels, rule,
+                info.num_classes, source=", ".join(job.synthetic) or "no sample folder")
+    if len(mixed.labels) < job.cfg.batch_size:
+        raise RaydiffError(f"{job.data} gives {len(mixed.labels)} training images, fewer than "
+                           f"one batch (--batch-size {job.cfg.batch_size})")
+    # Normalisation statistics of the real images: synthetic ones must not move them.
+    cfg = fit_to_data(job.cfg, info.num_classes, info.resolution, real_images)
+    plan = ClassifyPlan(job, cfg, info, mixed, parquet.read_split_arrays(job.data, "reference"),
+                        done_steps=0)
+    plan.done_steps = check_resume(job, cfg, plan.record())
+    return plan
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+def _evaluate(trainer: ClassifierTrainer, images: np.ndarray, labels: np.ndarray, rank: int,
+              world: int, batch_size: int) -> dict:
+    """Per-class correct and total counts on the reference split, each worker a share."""
+    from raydiff.train import _all_reduce
+
+    mine = np.arange(len(labels))[rank::world]
+    _, logits = predict(trainer.model, trainer.cfg, images[mine], batch_size, trainer.device)
+    correct, total = correct_counts(logits.argmax(1), labels[mine], trainer.cfg.num_classes)
+    summed = _all_reduce(list(correct) + list(total), trainer.device)
+    num_classes = trainer.cfg.num_classes
+    return {"split": "reference", "correct": [int(v) for v in summed[:num_classes]],
+            "total": [int(v) for v in summed[num_classes:]]}
+
+
+def _report(trainer: ClassifierTrainer, metrics: dict, meta: dict | None,
+            runlog: RunLog | None) -> None:
+    """Every rank reports (a barrier); rank 0 writes the checkpoint, if any, and the log."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if meta is not None and runlog is not None:
+            saved = trainer.save(os.path.join(tmp, "ckpt"), meta)
+            checkpoint = Checkpoint.from_directory(str(saved))
+        if runlog is not None:
+            runlog.write(metrics, trainer.total_steps)
+        name = f"checkpoint_{trainer.step:09d}" if meta is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def classify_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
+    """The Ray Train worker function: resume, then epochs {train, report, checkpoint}, then
+    evaluate on the reference split."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from raydiff.train import _mean_over_workers
+
+    cfg = ClassifierConfig.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(loop_config["torch_threads"])
+    device = ray.train.torch.get_device()
+    images, labels = ray.get(loop_config["train"])
+    per_epoch = steps_per_epoch(len(labels), cfg.batch_size)
+    trainer = ClassifierTrainer(cfg, per_epoch, device, rank,
+                                wrap=ray.train.torch.prepare_model if world > 1 else None)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            trainer.load(directory)
+    start = trainer.step
+    runlog = RunLog(loop_config["log_dir"], cfg, start) if rank == 0 else None
+    while trainer.epoch < cfg.epochs:
+        tick, steps = time.perf_counter(), per_epoch - trainer.step % per_epoch
+        try:
+            means = trainer.train_epoch(images, labels, world)
+        except NonFiniteLossError as err:
+            # every worker stops at the same step (the gradients are shared): no report is
+            # left unmatched, and Ray does not retry a failure that would repeat
+            if runlog is not None:
+                runlog.error(str(err))
+                runlog.close()
+            return {"error": str(err)}
+        metrics = _mean_over_workers(means, 1, device)
+        metrics.update(step=trainer.step, epoch=trainer.epoch, resumed_from=start,
+                       images_per_s=steps * cfg.batch_size / (time.perf_counter() - tick))
+        meta = None
+        if trainer.epoch == cfg.epochs or trainer.epoch % cfg.ckpt_every == 0:
+            meta = {**loop_config["record"], "epoch": trainer.epoch}
+            if trainer.epoch == cfg.epochs:
+                meta["evaluation"] = _evaluate(trainer, *ray.get(loop_config["reference"]),
+                                               rank, world, loop_config["eval_batch_size"])
+                metrics["top1"] = sum(meta["evaluation"]["correct"]) / max(
+                    1, sum(meta["evaluation"]["total"]))
+        _report(trainer, metrics, meta, runlog)
+    if runlog is not None:
+        runlog.close()
+    return {"error": None}
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+def build_trainer(plan: ClassifyPlan):
+    """The TorchTrainer of a checked plan; the data travels through the object store."""
+    import ray
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig)
+    from ray.train.torch import TorchTrainer
+
+    from raydiff.train import log_dir_for
+
+    job = plan.job
+    storage, name = storage_and_name(job.out)
+    return TorchTrainer(
+        classify_loop_per_worker,
+        train_loop_config={
+            "config": plan.cfg.to_dict(),
+            "record": plan.record(),
+            # in lists, so Ray hands the workers references, not copies of the arrays
+            "train": [ray.put(plan.mixed.images), ray.put(plan.mixed.labels)],
+            "reference": [ray.put(plan.reference[0]), ray.put(plan.reference[1])],
+            "eval_batch_size": job.eval_batch_size,
+            "log_dir": log_dir_for(storage, name),
+            "torch_threads": max(1, int(job.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
+            resources_per_worker={"CPU": job.cpus_per_worker,
+                                  **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=plan.cfg.num_to_keep),
+            logging_config=LoggingConfig(log_level="WARNING")),
+    )
+
+
+def build_results(plan: ClassifyPlan, checkpoint: str, meta: dict, seconds: float) -> dict:
+    """results.json: the mix, the classifier, and top-1 on the reference split by group."""
+    info = plan.info
+    evaluation = meta["evaluation"]
+    report = accuracy_report(evaluation["correct"], evaluation["total"], info.counts("train"),
+                             info.class_names)
+    return {
+        "kind": "raydiff-classify", "format_version": 1,
+        "data": plan.job.data, "split": plan.job.split, "synthetic": list(plan.job.synthetic),
+        "mix": meta["mix"], "train_counts": meta["train_counts"],
+        "classifier": meta["config"], "checkpoint": checkpoint, "step": meta["step"],
+        "evaluation": {"split": "reference", "on_training_data": plan.job.split == "reference",
+                       "shot_thresholds": {"many_above": MANY_SHOT_ABOVE,
+                                           "few_below": FEW_SHOT_BELOW},
+                       **report},
+        "seconds": round(seconds, 1),
+    }
+
+
+def write_results(out: str, results: dict) -> None:
+    from raydiff.report import accuracy_chart
+
+    folder = Folder(out)
+    folder.write_json(RESULTS_FILE, results)
+    folder.write_bytes(CHART_FILE, to_buffer(
+        lambda f: accuracy_chart(results).save(f, format="PNG")))
+
+
+def run_classify(job: ClassifyJob) -> dict:
+    """Check, train (or resume, or reuse a finished run), evaluate; returns results.json."""
+    from raydiff.train import check_resources, find_latest_checkpoint, fit, init_ray
+
+    start = time.monotonic()
+    plan = prepare_classify(job)  # bad input fails here, before Ray starts
+    init_ray(job.workers * job.cpus_per_worker)
+    check_resources(job)
+    if plan.done_steps >= plan.total_steps:
+        logger.info("classify: %s is finished (step %d); reusing it", job.out, plan.done_steps)
+    else:
+        if plan.done_steps:
+            logger.info("classify: resuming %s from step %d", job.out, plan.done_steps)
+        fit(build_trainer(plan))
+    checkpoint = find_latest_checkpoint(*storage_and_name(job.out))
+    meta = Folder(checkpoint).read_json(META_FILE)
+    results = build_results(plan, checkpoint, meta, time.monotonic() - start)
+    write_results(job.out, results)
+    return results
+
+
+def load_results(run: str) -> dict:
+    folder = Folder(run)
+    if not folder.is_file(RESULTS_FILE):
+        raise RaydiffError(f"{folder.uri(RESULTS_FILE)} does not exist: not a finished "
+                           "'raydiff classify' run")
+    results = folder.read_json(RESULTS_FILE)
+    if results.get("kind") != "raydiff-classify":
+        raise RaydiffError(f"{folder.uri(RESULTS_FILE)} is not a 'raydiff classify' result")
+    return results
+
+
+def compare(runs: list[str], out: str | None = None) -> str:
+    """The comparison table of finished runs (Markdown); written to OUT/comparison.md."""
+    from raydiff.report import comparison_table
+
+    table = comparison_table([(run, load_results(run)) for run in runs])
+    if out is not None:
+        Folder(out).write_bytes(COMPARISON_FILE, (table + "\n").encode("utf-8"))
+    return table

@@ -1,6 +1,7 @@
 """``raydiff demo`` end to end on the session's Ray, shortened (10 training steps, 2 images per
-class): first without the Inception weights (one line says so, the rest is reported), then
-again with them, reusing the finished training run and sample folder."""
+class): first without the Inception weights (one line says so, and the metrics are measured in
+the feature space of a classifier the demo trains), then again with them, reusing the finished
+training run and sample folder."""
 
 from __future__ import annotations
 
@@ -21,14 +22,23 @@ def test_demo_without_then_with_inception_weights(ray_local, inception_weights, 
             "--actors", "1", "--reference-per-class", "2"]
     assert cli.main(args + ["--no-download"]) == 0
     out = capsys.readouterr().out
-    skipped = [line for line in out.splitlines() if line.startswith("FID/KID/IS/PR skipped")]
+    skipped = [line for line in out.splitlines()
+               if line.startswith("Inception FID/KID/IS/PR skipped")]
     assert len(skipped) == 1 and "--inception-weights PATH" in skipped[0]
+    assert "in the feature space of a classifier of the reference split" in skipped[0]
+    held_out_top1 = float(skipped[0].split("(top-1 ")[1].split()[0])
+    assert held_out_top1 > 0.5, skipped[0]  # 10 classes: chance is 0.1
     assert "class balance: 2 .. 2 images per class" in out
     assert "nearest training image" in out and "training: 10 steps" in out
     run = tmp_path / "demo"
     report = (run / "report.md").read_text()
     assert skipped[0] in report and "![samples](samples_grid.png)" in report
     assert (run / "samples_grid.png").is_file() and (run / "samples" / "manifest.json").is_file()
+    offline = json.loads((run / "eval" / "metrics.json").read_text())
+    assert offline["feature_extractor"]["name"] == "classifier:resnet10"
+    assert set(offline["sets"]) == {"overall", "head", "body", "tail"}
+    assert all(0 <= s["classifier_top1"] <= 1 and s["fid"] >= 0 for s in offline["sets"].values())
+    assert "| overall | 20 |" in report and "Classifier top-1" in report
 
     assert cli.main(args + ["--inception-weights", str(inception_weights)]) == 0
     out = capsys.readouterr().out

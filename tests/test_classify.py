@@ -154,9 +154,6 @@ def test_classifier_features_for_evaluate(real_run, samples, shapes16, tmp_path)
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["extractor"] == "classifier:resnet10"
     assert meta["weights_sha256"] == extractor["weights_sha256"]
-    again = run_evaluation(job)
-    assert again["reference_cache"] == "hit"
-    assert again["sets"]["overall"]["fid"] == pytest.approx(overall["fid"], rel=1e-6)
 
 
 def test_job_entry_point_wants_shared_locations():

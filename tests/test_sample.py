@@ -80,7 +80,7 @@ def test_one_and_two_actors_and_two_batch_sizes_give_identical_bytes(
     assert manifest["complete"] and manifest["num_images"] == 12
     assert manifest["class_counts"] == {"0": 3, "1": 3, "2": 3, "3": 3}
     assert manifest["identity"]["sampler"] == {"sampler": "ddim", "steps": 4, "eta": 0.0,
-                                               "guidance": 1.5}
+                                               "guidance": 1.5, "clip_x0": True}
     assert len(manifest["identity"]["checkpoint_ema_sha256"]) == 64
 
 

@@ -74,7 +74,7 @@ def _train_worker_pids() -> list[int]:
 def test_killed_worker_resumes_from_last_checkpoint(ray_local, shapes16, tmp_path):
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(
-        result=run_training(job(shapes16, tmp_path, "fault", total=60))))
+        result=run_training(job(shapes16, tmp_path, "fault", total=40))))
     thread.start()
     deadline = time.monotonic() + 300
     while not any(m.get("step", 0) >= 25 for m in read_metrics(tmp_path, "fault")):
@@ -84,19 +84,19 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, shapes16, tmp_pat
     assert pids, "no RayTrainWorker process found"
     os.kill(pids[-1], signal.SIGKILL)  # a real process death, not a Python exception
     thread.join(timeout=600)
-    assert outcome["result"].metrics["step"] == 60
+    assert outcome["result"].metrics["step"] == 40
     steps = [m["step"] for m in read_metrics(tmp_path, "fault") if "step" in m]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     resumed_at = read_metrics(tmp_path, "fault")[restart]["resumed_from"]
     assert resumed_at >= 20, "the step counter restarted instead of resuming"
     assert steps[restart - 1] - resumed_at <= 20, "more than one checkpoint interval redone"
-    assert steps[-1] == 60
+    assert steps[-1] == 40
 
 
 def test_stopped_run_resumes_when_relaunched(ray_local, shapes16, tmp_path):
     cmd = [sys.executable, "-m", "raydiff.cli", "train", "--data", str(shapes16),
            "--storage", str(tmp_path), "--name", "relaunch", "--workers", "2",
-           "--set", "optim.total_steps=60"] + [a for o in TINY for a in ("--set", o)]
+           "--set", "optim.total_steps=40"] + [a for o in TINY for a in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -105,8 +105,8 @@ def test_stopped_run_resumes_when_relaunched(ray_local, shapes16, tmp_path):
         time.sleep(0.2)
     driver.kill()  # the whole job dies: driver gone, its workers torn down
     driver.wait()
-    result = run_training(job(shapes16, tmp_path, "relaunch", total=60))
-    assert result.metrics["step"] == 60
+    result = run_training(job(shapes16, tmp_path, "relaunch", total=40))
+    assert result.metrics["step"] == 40
     resumed = [m["resumed_from"] for m in read_metrics(tmp_path, "relaunch") if "resumed_from" in m]
     assert max(resumed) >= 20
 

@@ -125,7 +125,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
            "TORCH_HOME": str(tmp_path / "no-weights")}
     cmd = [sys.executable, "-m", "raydiff.cli", "tune", "--data", str(shapes16),
            "--storage", str(tmp_path), "--name", "resume", "--scheduler", "fifo",
-           "--trials", "3", "--max-steps", "10", "--eval-every", "5", "--eval-per-class", "6",
+           "--trials", "2", "--max-steps", "10", "--eval-every", "5", "--eval-per-class", "6",
            "--eval-steps", "4", "--reference-per-class", "24", "--preset", "tiny",
            "--set", "optim.batch_size=16", "--set", "optim.warmup_steps=5",
            "--set", "sample.steps=4"]
@@ -139,10 +139,10 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     finished = _terminated_trials(tmp_path, "resume")
     logs = {t: (tmp_path / "resume" / "trials" / t / "logs" / "metrics.jsonl").read_text()
             for t in finished}
-    run_search(_search(shapes16, tmp_path, "resume", scheduler="fifo", trials=3,
+    run_search(_search(shapes16, tmp_path, "resume", scheduler="fifo", trials=2,
                        max_steps=10))
     rows = _rows(tmp_path, "resume")
-    assert len(rows) == 3 and all(r["fd_pixels_tail"] for r in rows)
+    assert len(rows) == 2 and all(r["fd_pixels_tail"] for r in rows)
     for trial, text in logs.items():
         after = (tmp_path / "resume" / "trials" / trial / "logs" / "metrics.jsonl").read_text()
         assert after == text, f"finished trial {trial} was run again"

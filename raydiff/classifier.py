@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import pickle
-import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from raydiff.config import _coerce
 from raydiff.engine import NonFiniteLossError, step_seed
 from raydiff.errors import RaydiffError
 from raydiff.metrics import GROUPS, SHOT_GROUPS, class_groups, shot_groups
-from raydiff.storage import Folder, atomic_path
+from raydiff.storage import Folder, atomic_path, latest_checkpoint_folder, local_copy
 
 KIND = "raydiff-classifier"
 FORMAT_VERSION = 1
@@ -432,13 +431,11 @@ def resolve_checkpoint(location: str | Path) -> str:
     folder = Folder(location)
     if folder.is_file(META_FILE):
         return folder.location
-    steps = [(int(name.removeprefix("checkpoint_")), name)
-             for name in folder.names(pattern="checkpoint_*")
-             if name.removeprefix("checkpoint_").isdigit() and folder.is_file(f"{name}/{META_FILE}")]
-    if not steps:
+    latest = latest_checkpoint_folder(location, META_FILE)
+    if latest is None:
         raise RaydiffError(f"{location} is neither a classifier checkpoint (no {META_FILE}) nor "
                            "a 'raydiff classify' run folder with one")
-    return folder.uri(max(steps)[1])
+    return latest
 
 
 def checkpoint_sha256(location: str | Path) -> str:
@@ -473,16 +470,8 @@ def predict(model: ResNet, cfg: ClassifierConfig, images: np.ndarray, batch_size
 def local_checkpoint(location: str | Path) -> Path:
     """A checkpoint as a local folder: itself, or a copy of a remote one (weights and
     metadata, made once per node)."""
-    folder = Folder(location)
-    if folder.local is not None:
-        return folder.local
-    cache = Path(tempfile.gettempdir()) / "raydiff-classifiers" / hashlib.sha256(
-        folder.location.encode()).hexdigest()[:24]
-    if not cache.is_dir():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as tmp:
-            folder.download([META_FILE, WEIGHTS_FILE], tmp)
-    return cache
+    return local_copy(location, "raydiff-classifiers",
+                      keep=lambda name: name in (META_FILE, WEIGHTS_FILE))
 
 
 class ClassifierFeatures:

@@ -157,8 +157,9 @@ def prepare_classify(job: ClassifyJob) -> ClassifyPlan:
                            f"one batch (--batch-size {job.cfg.batch_size})")
     # Normalisation statistics of the real images: synthetic ones must not move them.
     cfg = fit_to_data(job.cfg, info.num_classes, info.resolution, real_images)
-    plan = ClassifyPlan(job, cfg, info, mixed, parquet.read_split_arrays(job.data, "reference"),
-                        done_steps=0)
+    reference = ((real_images, real_labels) if job.split == "reference"
+                 else parquet.read_split_arrays(job.data, "reference"))
+    plan = ClassifyPlan(job, cfg, info, mixed, reference, done_steps=0)
     plan.done_steps = check_resume(job, cfg, plan.record())
     return plan
 

@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +65,7 @@ from raydiff.diffusion import GaussianDiffusion
 from raydiff.errors import RaydiffError
 from raydiff.features import file_sha256
 from raydiff.samplers import sample_images, to_uint8
-from raydiff.storage import Folder, atomic_path, to_buffer
+from raydiff.storage import Folder, atomic_path, latest_checkpoint_folder, local_copy, to_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -219,33 +217,20 @@ class SampleActor:
 def resolve_checkpoint(location: str | Path) -> str:
     """A checkpoint folder (path or URI) as given, or the latest ``checkpoint_<step>`` of a run
     folder."""
-    folder = Folder(location)
-    if not folder.is_file("config.json"):
-        steps = [(int(name.removeprefix("checkpoint_")), name)
-                 for name in folder.names(pattern="checkpoint_*")
-                 if name.removeprefix("checkpoint_").isdigit()
-                 and folder.is_file(f"{name}/state.json")]
-        if steps:
-            return folder.uri(max(steps)[1])
-    return folder.location
+    if not Folder(location).is_file("config.json"):
+        latest = latest_checkpoint_folder(location, "state.json")
+        if latest is not None:
+            return latest
+    return Folder(location).location
 
 
 def local_checkpoint(location: str) -> Path:
     """A checkpoint as a local folder: itself, or a copy of a remote one (made once per node,
     shared by the actors there). Anything that is not a checkpoint is one clear error."""
-    folder = Folder(location)
-    if folder.local is not None:
-        read_config(folder.local)
-        return folder.local
-    cache = Path(tempfile.gettempdir()) / "raydiff-checkpoints" / hashlib.sha256(
-        folder.location.encode()).hexdigest()[:24]
-    if not cache.is_dir():
-        names = [n for n in folder.names() if n != "optimizer.pt"]  # sampling needs no optimizer
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as tmp:
-            folder.download(names, tmp)
-    read_config(cache)
-    return cache
+    local = local_copy(location, "raydiff-checkpoints",
+                       keep=lambda name: name != "optimizer.pt")  # sampling needs no optimizer
+    read_config(local)
+    return local
 
 
 def _check_job(job: SampleJob) -> None:

@@ -9,6 +9,7 @@ becomes visible only when its upload completes. Nothing here imports Ray.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -143,6 +144,32 @@ class Folder:
         for name in names:
             (into / name).write_bytes(self.read_bytes(name))
         return into
+
+
+def latest_checkpoint_folder(location: str | Path, marker: str) -> str | None:
+    """The ``checkpoint_<step>`` folder of a run folder with the highest step that holds
+    ``marker`` (a file every complete checkpoint of its kind has), or None."""
+    folder = Folder(location)
+    steps = [(int(name.removeprefix("checkpoint_")), name)
+             for name in folder.names(pattern="checkpoint_*")
+             if name.removeprefix("checkpoint_").isdigit() and folder.is_file(f"{name}/{marker}")]
+    return folder.uri(max(steps)[1]) if steps else None
+
+
+def local_copy(location: str | Path, cache: str,
+               keep: Callable[[str], bool] = lambda name: True) -> Path:
+    """A folder as a local path: itself, or a copy of a remote one (the files ``keep``
+    accepts), made once per node under ``$TMPDIR/<cache>`` and shared by its processes."""
+    folder = Folder(location)
+    if folder.local is not None:
+        return folder.local
+    copy = Path(tempfile.gettempdir()) / cache / hashlib.sha256(
+        folder.location.encode()).hexdigest()[:24]
+    if not copy.is_dir():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(copy) as tmp:
+            folder.download([name for name in folder.names() if keep(name)], tmp)
+    return copy
 
 
 def to_buffer(write) -> bytes:

@@ -42,22 +42,6 @@ def read_metrics(storage: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_two_workers_train_in_sync_and_checkpoint_samples(ray_local, shapes16, tmp_path):
-    result = run_training(job(shapes16, tmp_path, "ddp"))
-    assert result.metrics["step"] == 40
-    assert result.metrics["replica_divergence"] == 0.0  # both DDP replicas hold equal weights
-    logged = [m for m in read_metrics(tmp_path, "ddp") if "ddpm" in m]
-    assert logged[-1]["ddpm"] < 0.7 * logged[0]["ddpm"], (logged[0], logged[-1])
-    ckpt = Path(result.checkpoint.path)
-    assert ckpt.name == "checkpoint_000000040" and (ckpt / "samples.png").is_file()
-    assert list((tmp_path / "ddp" / "logs").glob("events.out.tfevents.*"))
-    model, cfg = load_for_sampling(ckpt)
-    assert (cfg.model.num_classes, cfg.model.resolution) == (4, 16)
-    images = sample_images(model, __import__("raydiff.diffusion").diffusion.GaussianDiffusion(
-        cfg.diffusion), [0, 3], [1, 2], cfg.sample)
-    assert images.shape == (2, 3, 16, 16)
-
-
 def _train_worker_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -71,7 +55,9 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_local, shapes16, tmp_path):
+def test_two_workers_train_in_sync_and_a_killed_worker_resumes(ray_local, shapes16, tmp_path):
+    # One run shows both: DDP over 2 CPU workers, and a worker process killed mid-run
+    # (SIGKILL, not a Python exception) that resumes from the last checkpoint.
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(
         result=run_training(job(shapes16, tmp_path, "fault", total=40))))
@@ -91,6 +77,19 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, shapes16, tmp_pat
     assert resumed_at >= 20, "the step counter restarted instead of resuming"
     assert steps[restart - 1] - resumed_at <= 20, "more than one checkpoint interval redone"
     assert steps[-1] == 40
+
+    result = outcome["result"]
+    assert result.metrics["replica_divergence"] == 0.0  # both DDP replicas hold equal weights
+    logged = [m for m in read_metrics(tmp_path, "fault") if "ddpm" in m]
+    assert logged[-1]["ddpm"] < 0.7 * logged[0]["ddpm"], (logged[0], logged[-1])
+    ckpt = Path(result.checkpoint.path)
+    assert ckpt.name == "checkpoint_000000040" and (ckpt / "samples.png").is_file()
+    assert list((tmp_path / "fault" / "logs").glob("events.out.tfevents.*"))
+    model, cfg = load_for_sampling(ckpt)
+    assert (cfg.model.num_classes, cfg.model.resolution) == (4, 16)
+    images = sample_images(model, __import__("raydiff.diffusion").diffusion.GaussianDiffusion(
+        cfg.diffusion), [0, 3], [1, 2], cfg.sample)
+    assert images.shape == (2, 3, 16, 16)
 
 
 def test_stopped_run_resumes_when_relaunched(ray_local, shapes16, tmp_path):

@@ -4,6 +4,16 @@ A config is data: it is built from a preset, changed with ``section.key=value`` 
 (``--set`` on the command line) and round-trips through JSON. Nothing in it is executed.
 Every run folder and checkpoint stores the resolved config, so a run can be reproduced and
 a checkpoint refuses to load into a network of another shape.
+
+Presets, and where their values come from (the authors' released CCUA-DDPM code):
+
+- ``cifar32``: the released CIFAR-10/100-LT recipe, i.e. the flag defaults of the released
+  ``main.py`` (batch 64, 300k steps, no BRS). The dataclass defaults below are those flags.
+- ``imagenet64``: the released TinyImageNet-LT script ``ccua-brs_200k.sh`` (64 px, batch 128,
+  100k steps, BRS 0.1, attention at 32x32).
+- ``tiny``: no paper recipe; a small network that trains on 2 CPU cores (demo, tests).
+
+Known differences from the released code are listed in ``docs/METHOD.md``.
 """
 
 from __future__ import annotations
@@ -18,13 +28,18 @@ from typing import Any
 from raydiff.errors import RaydiffError
 
 METHODS = ("ddpm", "cbdm", "ccua")
+DDIM_LAST_STEPS = ("x0", "identity")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The DDPM UNet of Ho et al. (pytorch-ddpm / CBDM / CCUA), class-conditional."""
+    """The DDPM UNet of Ho et al. (pytorch-ddpm / CBDM / CCUA), class-conditional.
 
-    resolution: int = 32  # image side in pixels
+    Defaults are the released ``main.py`` flags (``--ch 128 --ch_mult 1 2 2 2 --attn 1
+    --num_res_blocks 2 --dropout 0.1``); ``--attn 1`` names level 1, the 16x16 maps at 32 px.
+    """
+
+    resolution: int = 32  # image side in pixels (main.py --img_size)
     in_channels: int = 3
     num_classes: int = 10  # real classes; index num_classes is the learned null label
     ch: int = 128  # base channels; the time embedding is 4 * ch wide
@@ -36,7 +51,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Noise process of DDPM: linear betas over T steps."""
+    """Noise process of DDPM: linear betas over T steps (main.py --T --beta_1 --beta_T)."""
 
     num_timesteps: int = 1000  # T
     beta_start: float = 1e-4
@@ -45,7 +60,12 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Which objective to train and its weights (METHOD.md, "Losses")."""
+    """Which objective to train and its weights (docs/METHOD.md, "Losses").
+
+    Weights 1.0 / 1.0 are the released TinyImageNet-LT script's ``--ccua_ucl 1.0 --ccua_al 1.0``
+    (the only released CCUA command for the UNet); label dropout 0.1 and tau 0.1 are fixed in
+    the released code, CBDM's tau_cb 1.0 is main.py's ``--cb_tau``.
+    """
 
     method: str = "ccua"  # ddpm | cbdm | ccua
     label_dropout: float = 0.1  # per-sample probability of the null label (CFG training)
@@ -54,13 +74,20 @@ class LossConfig:
     temperature: float = 0.1  # UCL temperature tau
     weight_power: float = 1.0  # p in w(t) = (t/T)^p * [t >= t_align]
     t_align: int = 0  # 0 reproduces the released code
-    global_negatives: bool = False  # UCL negatives from all data-parallel workers
+    # UCL negatives come from consecutive groups of this many rows of the global batch, on any
+    # number of workers; 32 is the released script's per-GPU chunk (batch 128 on 4 GPUs).
+    ucl_group_size: int = 32
+    global_negatives: bool = False  # one UCL group: the whole global batch (overrides the above)
     cbdm_tau: float = 1.0  # CBDM regulariser weight tau_cb
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and schedule of the released code: Adam, warm-up, clip, EMA."""
+    """Optimiser and schedule of the released code: Adam, warm-up, clip, EMA.
+
+    Defaults are main.py's flags, the released CIFAR-LT recipe (``--lr 2e-4 --warmup 5000
+    --grad_clip 1 --ema_decay 0.9999 --batch_size 64 --total_steps 300001``).
+    """
 
     optimizer: str = "adam"  # adam | adamw
     lr: float = 2e-4
@@ -68,19 +95,23 @@ class OptimConfig:
     warmup_steps: int = 5000  # linear warm-up, then constant
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     ema_decay: float = 0.9999
-    batch_size: int = 128  # global batch, split across workers
-    total_steps: int = 100_000
+    batch_size: int = 64  # global batch, split across workers
+    total_steps: int = 300_000
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampler used for previews and evaluation (released scripts: DDIM-100, w = 1.5)."""
+    """Sampler used for previews and evaluation (released: DDIM-100, w = 1.5; main.py's
+    ``--ddim_skip_step 10 --omega 1.5``)."""
 
     sampler: str = "ddim"  # ddim | ddpm
     steps: int = 100
     eta: float = 0.0
     guidance: float = 1.5  # CFG weight w in eps_c + w (eps_c - eps_u)
     clip_x0: bool = False  # clamp each step's x0 prediction to [-1, 1] (clip_denoised)
+    # DDIM's step from t = 0: "x0" returns the clean x0 prediction; "identity" keeps x_0 with
+    # its sqrt(1 - alpha_bar_0) eps = 0.01 eps of noise, as the released sampler does.
+    ddim_last_step: str = "x0"
 
 
 @dataclass(frozen=True)
@@ -121,7 +152,7 @@ class Config:
 # --- presets -------------------------------------------------------------------------------
 
 def _tiny() -> Config:
-    # Trains on 16-32 px in minutes on 2 CPU cores: for the demo and the tests.
+    # Not a paper recipe: trains on 16-32 px in minutes on 2 CPU cores, for the demo and tests.
     return Config(
         preset="tiny",
         model=ModelConfig(resolution=16, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(8,),
@@ -136,16 +167,23 @@ def _tiny() -> Config:
 
 
 def _cifar32() -> Config:
-    # The paper's 32x32 network (about 35.9 M parameters with 10 classes), CIFAR-LT recipe.
+    # The released CIFAR-10/100-LT recipe: every value is a main.py default (batch 64, 300k
+    # steps, no BRS), with the CCUA weights of the one released CCUA script. The paper's 32x32
+    # network: 35.75 M parameters with 10 classes.
     return Config(preset="cifar32")
 
 
 def _imagenet64() -> Config:
-    # The same UNet family at 64x64 (TinyImageNet-LT, downsampled ImageNet-LT/Places-LT),
-    # with the released TinyImageNet-LT recipe: BRS 0.1, batch 128, 100k steps.
+    # The released TinyImageNet-LT script (ccua-brs_200k.sh): 64 px, 200 classes, batch 128,
+    # 100k steps, BRS 0.1, UCL in the 32-row chunks of 4-GPU DataParallel. Its --attn 1 is
+    # level 1 of (1, 2, 2, 2), the 32x32 maps at 64 px. Also used for downsampled
+    # ImageNet-LT / Places-LT.
     return Config(
         preset="imagenet64",
-        model=ModelConfig(resolution=64, num_classes=200, ch_mult=(1, 2, 2, 2)),
+        model=ModelConfig(resolution=64, num_classes=200, ch_mult=(1, 2, 2, 2),
+                          attn_resolutions=(32,)),
+        optim=OptimConfig(batch_size=128, total_steps=100_000),
+        loss=LossConfig(ucl_group_size=32),
         train=TrainConfig(resample_factor=0.1),
     )
 
@@ -171,6 +209,8 @@ def validate(cfg: Config) -> None:
     checks = [
         (lo.method in METHODS, "loss.method", lo.method, f"one of {', '.join(METHODS)}"),
         (s.sampler in ("ddim", "ddpm"), "sample.sampler", s.sampler, "ddim or ddpm"),
+        (s.ddim_last_step in DDIM_LAST_STEPS, "sample.ddim_last_step", s.ddim_last_step,
+         " or ".join(DDIM_LAST_STEPS)),
         (o.optimizer in ("adam", "adamw"), "optim.optimizer", o.optimizer, "adam or adamw"),
         (m.resolution >= 8, "model.resolution", m.resolution, ">= 8"),
         (m.resolution % 2 ** (len(m.ch_mult) - 1) == 0, "model.resolution", m.resolution,
@@ -186,6 +226,8 @@ def validate(cfg: Config) -> None:
         (lo.ucl_weight >= 0, "loss.ucl_weight", lo.ucl_weight, ">= 0"),
         (lo.al_weight >= 0, "loss.al_weight", lo.al_weight, ">= 0"),
         (lo.temperature > 0, "loss.temperature", lo.temperature, "> 0"),
+        (lo.ucl_group_size >= 2, "loss.ucl_group_size", lo.ucl_group_size,
+         ">= 2 (a row's UCL negatives are the other rows of its group)"),
         (0 <= lo.t_align < d.num_timesteps, "loss.t_align", lo.t_align,
          "in [0, diffusion.num_timesteps)"),
         (o.lr > 0, "optim.lr", o.lr, "> 0"),

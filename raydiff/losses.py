@@ -60,31 +60,51 @@ def _gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     return keys, sum(counts[:rank])
 
 
+def _is_data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def ucl_loss(z: torch.Tensor, weight: torch.Tensor, temperature: float = 0.1,
-             global_negatives: bool = False) -> torch.Tensor:
+             group_size: int | None = None) -> torch.Tensor:
     """Unsupervised contrastive loss: InfoNCE whose positive is the sample itself.
 
-    l_i = -log( exp(1/tau) / (exp(1/tau) + sum_{j != i} exp(s_ij / tau)) ), s_ij the cosine
+    l_i = -log( exp(1/tau) / (exp(1/tau) + sum_{j in N(i)} exp(s_ij / tau)) ), s_ij the cosine
     similarity of z_i and z_j, i.e. a pure repulsion between the samples of a batch.
-    Returns mean_i weight_i * l_i. ``z`` is (B, ...) with any shape after the batch dim.
-    With ``global_negatives`` and an initialised process group, the negatives are the rows of
-    every worker (all-gathered with gradients); every worker must then call this function.
+    Returns sum_i weight_i * l_i / B over this worker's B rows; ``z`` is (B, ...).
+
+    The negatives N(i) are the other rows of i's group: the *global* batch (every worker's rows,
+    rank 0 first, when a process group is initialised) is cut into consecutive groups of
+    ``group_size`` rows; ``None`` makes the whole global batch one group. The released UNet
+    script computed UCL per GPU chunk of 32 rows, so a group of 32 reproduces it on any number
+    of workers, and the value and gradients do not depend on how the batch is split.
+    Rows whose weight is 0 are neither anchors nor negatives (raydiff skips their unconditional
+    pass); the released code keeps them as negatives, which only touches t = 0 rows at
+    t_align = 0. Under a process group every worker must call this function with the same
+    number of rows; when the groups do not fall within workers, rows are all-gathered with
+    gradients.
     """
     z = F.normalize(z.flatten(1).float(), dim=1)
-    if global_negatives and dist.is_available() and dist.is_initialized():
-        keys, offset = _gather_with_grad(z)
-    else:
-        keys, offset = z, 0
     n = z.shape[0]
-    if n == 0 or keys.shape[0] < 2:
-        return keys.sum() * 0.0  # no anchor or no negative; keeps the graph connected
-    # l_i = log(1 + sum_{j != i} exp((s_ij - 1) / tau)) = softplus(logsumexp_j (s_ij - 1) / tau):
+    valid = weight > 0
+    if not _is_data_parallel() or (group_size is not None and n % group_size == 0):
+        keys, key_valid, offset = z, valid, 0  # every group lies within this worker
+    else:
+        gathered, offset = _gather_with_grad(torch.cat([z, valid[:, None].to(z.dtype)], dim=1))
+        keys, key_valid = gathered[:, :-1], gathered[:, -1] > 0.5
+    if n == 0:
+        return keys.sum() * 0.0  # keeps the graph connected
+    rows = torch.arange(n, device=z.device) + offset
+    cols = torch.arange(keys.shape[0], device=z.device)
+    negative = key_valid[None, :] & (rows[:, None] != cols[None, :])
+    if group_size is not None:
+        negative &= (rows[:, None] // group_size) == (cols[None, :] // group_size)
+    # l_i = log(1 + sum_j exp((s_ij - 1) / tau)) = softplus(logsumexp_j (s_ij - 1) / tau):
     # the same InfoNCE value, without the cancellation of logsumexp(...) - 1/tau in float32.
-    logits = (z @ keys.T - 1.0) / temperature
-    self_cols = torch.arange(n, device=z.device) + offset
-    is_self = F.one_hot(self_cols, keys.shape[0]).bool()
-    per_sample = F.softplus(torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1))
-    return (weight.float() * per_sample).mean()
+    # Non-negatives get the lowest finite logit, not -inf: a row with no negative then scores
+    # softplus(-huge) = 0 with a finite gradient.
+    logits = ((z @ keys.T - 1.0) / temperature).masked_fill(~negative, torch.finfo(z.dtype).min)
+    per_sample = F.softplus(torch.logsumexp(logits, dim=1))
+    return (torch.where(valid, weight.float(), 0.0) * per_sample).sum() / n
 
 
 def alignment_loss(eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
@@ -126,24 +146,28 @@ def _ccua_terms(model: nn.Module, x_t, t, y_in, dropped, eps, cfg: LossConfig,
                            torch.cat([y_in, null]), return_features=True)
     eps_c, eps_u = eps_all[:B], eps_all[B:]
     z_c, z_u = z_all[:B], z_all[B:]
-    n_u, n_active = u_idx.numel(), int(active.sum())
-    # Terms are computed on the rows that need them, then rescaled to a mean over all B rows.
-    al = alignment_loss(eps_c[u_idx], eps_u, w[u_idx]) * (n_u / B)
-    z = z_c.index_put((u_idx,), z_u)[active]
-    ucl = ucl_loss(z, w[active], cfg.temperature, cfg.global_negatives) * (n_active / B)
+    # AL is computed on the rows that need it, then rescaled to a mean over all B rows.
+    al = alignment_loss(eps_c[u_idx], eps_u, w[u_idx]) * (u_idx.numel() / B)
+    # UCL sees all B rows in batch order (its groups are positions in the global batch); rows
+    # with w = 0 keep their conditional features, which ucl_loss ignores.
+    z = z_c.index_put((u_idx,), z_u)
+    group = None if cfg.global_negatives else cfg.ucl_group_size
+    ucl = ucl_loss(z, w, cfg.temperature, group)
     ddpm = denoising_loss(eps_c, eps)
     return {"loss": ddpm + cfg.ucl_weight * ucl + cfg.al_weight * al,
             "ddpm": ddpm, "ucl": ucl, "al": al}
 
 
-def _cbdm_terms(model: nn.Module, x_t, t, y_in, eps, cfg: LossConfig, T: int,
+def _cbdm_terms(model: nn.Module, x_t, t, y_in, dropped, eps, cfg: LossConfig, T: int,
                 class_prior: torch.Tensor, generator) -> dict[str, torch.Tensor]:
+    """CBDM's two passes; rows whose label was dropped for CFG get no regulariser, as in the
+    released code (which drops whole batches and then skips CBDM for them)."""
     y_prime = torch.multinomial(class_prior.to(x_t.device), x_t.shape[0], replacement=True,
                                 generator=generator)
     eps_y, eps_y_prime = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                torch.cat([y_in, y_prime])).chunk(2)
     ddpm = denoising_loss(eps_y, eps)
-    cb = cbdm_loss(eps_y, eps_y_prime, cfg.cbdm_tau * t.float() / T)
+    cb = cbdm_loss(eps_y, eps_y_prime, cfg.cbdm_tau * t.float() / T * (~dropped).float())
     return {"loss": ddpm + cb, "ddpm": ddpm, "cbdm": cb}
 
 
@@ -171,7 +195,7 @@ def compute_losses(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Ten
         if class_prior is None:
             num_classes = model_null_label(model)
             class_prior = torch.full((num_classes,), 1.0 / num_classes)
-        return _cbdm_terms(model, x_t, t, y_in, eps, cfg, T, class_prior, generator)
+        return _cbdm_terms(model, x_t, t, y_in, dropped, eps, cfg, T, class_prior, generator)
     ddpm = denoising_loss(model(x_t, t, y_in), eps)
     return {"loss": ddpm, "ddpm": ddpm}
 

@@ -34,6 +34,21 @@ def test_cifar32_preset_is_the_released_recipe():
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip) == (2e-4, 5000, 1.0)
     assert cfg.optim.ema_decay == 0.9999 and cfg.loss.temperature == 0.1
     assert (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance) == ("ddim", 100, 1.5)
+    # the released main.py defaults, which its CIFAR-LT runs use: batch 64, 300k steps, no BRS
+    assert (cfg.optim.batch_size, cfg.optim.total_steps) == (64, 300_000)
+    assert cfg.train.resample_factor == 0.0 and cfg.loss.ucl_group_size == 32
+    assert cfg.sample.ddim_last_step == "x0"
+
+
+def test_imagenet64_preset_is_the_released_tinyimagenet_script():
+    cfg = config_lib.preset("imagenet64")
+    # ccua-brs_200k.sh: --img_size 64 --num_class 200 --batch_size 128 --total_steps 100001
+    # --brs --brs_factor 0.1 --ccua_ucl 1.0 --ccua_al 1.0, DataParallel over 4 GPUs
+    assert (cfg.model.resolution, cfg.model.num_classes) == (64, 200)
+    assert cfg.model.attn_resolutions == (32,)  # --attn 1: level 1 of (1, 2, 2, 2) at 64 px
+    assert (cfg.optim.batch_size, cfg.optim.total_steps) == (128, 100_000)
+    assert cfg.train.resample_factor == 0.1
+    assert (cfg.loss.ucl_weight, cfg.loss.al_weight, cfg.loss.ucl_group_size) == (1.0, 1.0, 32)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -46,6 +61,8 @@ def test_cifar32_preset_is_the_released_recipe():
     ("loss.t_align=1000", "loss.t_align=1000 is invalid"),
     ("model.resolution=34", "model.resolution=34 is invalid: expected divisible by 2^2"),
     ("noequals", "not of the form section.key=value"),
+    ("loss.ucl_group_size=1", "loss.ucl_group_size=1 is invalid: expected >= 2"),
+    ("sample.ddim_last_step=noisy", "expected x0 or identity"),
 ])
 def test_bad_overrides_name_key_and_value(override, message):
     with pytest.raises(RaydiffError) as err:

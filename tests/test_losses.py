@@ -32,8 +32,13 @@ def test_ucl_hand_values():
     # Three unit vectors 120 degrees apart: s_ij = -1/2, l_i = log(1 + 2 exp(-1.5 / tau)).
     angles = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
     star = torch.stack([angles.cos(), angles.sin()], dim=1)
-    w = torch.tensor([1.0, 0.5, 0.0])
+    w = torch.tensor([1.0, 0.5, 0.5])
     expected = math.log1p(2 * math.exp(-15)) * w.mean().item()
+    assert ucl_loss(star, w, tau).item() == pytest.approx(expected, rel=1e-5)
+    # A row of weight 0 is neither an anchor nor a negative: the other two keep one negative
+    # each, l = log(1 + exp(-1.5 / tau)), and the sum is divided by all 3 rows.
+    w = torch.tensor([1.0, 0.5, 0.0])
+    expected = math.log1p(math.exp(-15)) * 1.5 / 3
     assert ucl_loss(star, w, tau).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -164,6 +169,25 @@ def test_ddpm_and_cbdm_methods_report_their_terms():
     assert set(cbdm) == {"loss", "ddpm", "cbdm"}
     assert model.calls[0].shape[0] == 32  # y and y' in one batch of 2B
     assert cbdm["cbdm"].item() > 0
+
+
+def test_cbdm_skips_rows_whose_label_was_dropped():
+    """Released CBDM adds its regulariser only when the labels were kept (y_l is not None)."""
+    model, terms = _losses(LossConfig(method="cbdm", label_dropout=0.99999))
+    assert (model.calls[0][:16] == SpyModel.null_label).all()
+    assert terms["cbdm"].item() == 0.0 and terms["ddpm"].item() > 0
+    # Some rows dropped: the term is the mean over all rows of the kept rows' regulariser.
+    cfg = LossConfig(method="cbdm", label_dropout=0.5)
+    model, terms = _losses(cfg)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, T, (16,), generator=g)
+    torch.randn((16, 1, 2, 2), generator=g)
+    dropped = torch.rand(16, generator=g) < 0.5
+    assert 0 < int(dropped.sum()) < 16
+    y_in, y_prime = model.calls[0][:16].float(), model.calls[0][16:].float()
+    per_row = 1.25 * (y_in - y_prime) ** 2  # SpyModel: eps = label everywhere
+    expected = (t.float() / T * per_row * (~dropped).float()).mean()
+    assert terms["cbdm"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_alpha_and_gamma_zero_is_plain_ddpm():

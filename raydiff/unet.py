@@ -42,9 +42,16 @@ class AttnBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.norm = nn.GroupNorm(_NUM_GROUPS, ch)
-        self.qkv = _init_(nn.Conv2d(ch, 3 * ch, 1))
-        # Near-zero output projection: each block starts as the identity (pytorch-ddpm).
-        self.proj = _init_(nn.Conv2d(ch, ch, 1), gain=1e-5)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        # q, k and v are one convolution here but three in the released code: each third gets
+        # the Xavier bound of a (ch, ch) layer, as three separate layers would.
+        for w in self.qkv.weight.data.chunk(3):
+            nn.init.xavier_uniform_(w)
+        nn.init.zeros_(self.qkv.bias)
+        # Gain 1, not pytorch-ddpm's 1e-5: the released UNet builds this block inside a ResBlock
+        # whose initialiser then re-initialises every conv it holds, this projection included.
+        # So attention contributes from the first step, as in the released training runs.
+        self.proj = _init_(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -1,5 +1,7 @@
 """Network shapes, the training step, EMA and checkpoints, on CPU without Ray."""
 
+import dataclasses
+import math
 import pickle
 
 import pytest
@@ -10,7 +12,7 @@ from raydiff.checkpoint import latest_checkpoint, load_checkpoint
 from raydiff.engine import EMA, Engine, NonFiniteLossError, load_for_sampling, warmup_factor
 from raydiff.errors import RaydiffError
 from raydiff.samplers import sample_images
-from raydiff.unet import UNet, build_model, count_parameters
+from raydiff.unet import AttnBlock, UNet, build_model, count_parameters
 
 
 def tiny(*overrides: str) -> config_lib.Config:
@@ -34,6 +36,35 @@ def test_presets_predict_eps_and_return_bottleneck(name, bottleneck):
     eps, z = model(x, torch.tensor([0, 999]), torch.tensor([0, cfg.num_classes]),
                    return_features=True)
     assert eps.shape == x.shape and tuple(z.shape[1:]) == bottleneck
+
+
+@pytest.mark.parametrize("name,sides", [("cifar32", [16, 16, 4, 16, 16, 16]),
+                                        ("imagenet64", [32, 32, 8, 32, 32, 32])])
+def test_presets_put_attention_at_the_released_level(name, sides):
+    """Released --attn 1: level 1 of ch_mult (1, 2, 2, 2), 16x16 at 32 px and 32x32 at 64 px
+    (2 blocks down, 3 up), plus the first middle block. Width cut to 32 to keep it fast."""
+    model = build_model(dataclasses.replace(config_lib.preset(name).model, ch=32))
+    seen = []
+    for module in model.modules():
+        if isinstance(module, AttnBlock):
+            module.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[-1]))
+    res = model.cfg.resolution
+    model(torch.randn(1, 3, res, res), torch.tensor([5]), torch.tensor([0]))
+    assert sorted(seen) == sorted(sides)
+
+
+def test_attention_init_is_the_released_one():
+    """Released: q, k, v are three (C, C) Xavier-initialised convs, and the output projection
+    keeps gain 1 (the enclosing ResBlock re-initialises it)."""
+    model = build_model(config_lib.preset("tiny").model)
+    blocks = [m for m in model.modules() if isinstance(m, AttnBlock)]
+    assert blocks
+    for block in blocks:
+        ch = block.proj.weight.shape[0]
+        bound = math.sqrt(6 / (2 * ch))  # Xavier uniform bound of a (C, C) 1x1 conv, gain 1
+        for w in [*block.qkv.weight.chunk(3), block.proj.weight]:
+            assert bound * 0.9 < w.abs().max().item() <= bound
+        assert block.proj.bias.abs().max().item() == 0.0
 
 
 def test_null_label_is_a_learned_embedding_distinct_from_classes():

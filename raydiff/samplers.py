@@ -1,8 +1,8 @@
 """DDPM and DDIM sampling loops, classifier-free guidance, one random stream per image.
 
 Samplers are plain functions with one signature (k-diffusion style):
-``sampler(model_fn, diffusion, labels, noise, shape, steps=..., eta=..., clip_x0=...) -> x0 in
-[-1, 1]``,
+``sampler(model_fn, diffusion, labels, noise, shape, steps=..., eta=..., clip_x0=...,
+last_step=...) -> x0 in [-1, 1]``,
 where ``model_fn(x_t, t, y) -> eps`` and ``noise`` draws every random number of image i from
 image i's own generator (EDM's StackedRandomGenerator). A sample therefore depends only on
 (seed, label, settings), never on the batch size or the position in the batch, which is what
@@ -78,11 +78,23 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.Tensor,
                 noise: ImageNoise, shape: Sequence[int], steps: int = 100,
-                eta: float = 0.0, clip_x0: bool = False) -> torch.Tensor:
-    """DDIM (Song et al. 2021, Eq. 12); eta = 0 is deterministic given x_T."""
+                eta: float = 0.0, clip_x0: bool = False, last_step: str = "x0") -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12); eta = 0 is deterministic given x_T.
+
+    The timesteps are diffusers' ``timestep_spacing="leading"`` (``ddim_timesteps``). The last
+    step starts at t = 0: ``last_step="x0"`` steps to alpha_bar = 1 and returns the clean x0
+    prediction (diffusers' ``set_alpha_to_one=True``); ``"identity"`` stays at alpha_bar_0 and
+    so returns x_0 itself, sqrt(1 - alpha_bar_0) eps = 0.01 eps of noise included, which is
+    what the released CCUA sampler does (diffusers' ``set_alpha_to_one=False``).
+    """
+    if last_step not in ("x0", "identity"):
+        raise ValueError(f"last_step={last_step!r} must be 'x0' or 'identity'")
     x = noise.randn(shape)
     seq = ddim_timesteps(diffusion.num_timesteps, steps)
-    for t_cur, t_prev in zip(seq, seq[1:] + [-1]):
+    # The identity step changes nothing (x0 and eps are consistent with x at alpha_bar_0):
+    # it is skipped, not computed.
+    prevs = seq[1:] + [-1] if last_step == "x0" else seq[1:]
+    for t_cur, t_prev in zip(seq, prevs):
         t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
         x0, eps = denoised(diffusion, x, t, model_fn(x, t, labels), clip_x0)
         ab_t = diffusion.alpha_bar_at(t, x)
@@ -96,13 +108,13 @@ def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.T
 
 def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.Tensor,
                 noise: ImageNoise, shape: Sequence[int], steps: int | None = None,
-                eta: float = 1.0, clip_x0: bool = False) -> torch.Tensor:
+                eta: float = 1.0, clip_x0: bool = False, last_step: str = "x0") -> torch.Tensor:
     """Ancestral sampling over all T steps with the "fixedlarge" variance (pytorch-ddpm).
 
-    ``steps`` and ``eta`` exist only to share the sampler signature; ancestral sampling
-    always walks every timestep.
+    ``steps``, ``eta`` and ``last_step`` exist only to share the sampler signature; ancestral
+    sampling always walks every timestep and ends on the posterior mean at t = 0.
     """
-    del steps, eta
+    del steps, eta, last_step
     x = noise.randn(shape)
     for t_cur in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
@@ -133,7 +145,8 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, labels: Sequen
     model_fn = guided_model_fn(model, mcfg.num_classes, cfg.guidance)
     shape = (mcfg.in_channels, mcfg.resolution, mcfg.resolution)
     return SAMPLERS[cfg.sampler](model_fn, diffusion, y, ImageNoise(seeds, device), shape,
-                                steps=cfg.steps, eta=cfg.eta, clip_x0=cfg.clip_x0)
+                                steps=cfg.steps, eta=cfg.eta, clip_x0=cfg.clip_x0,
+                                last_step=cfg.ddim_last_step)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

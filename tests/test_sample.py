@@ -80,7 +80,8 @@ def test_one_and_two_actors_and_two_batch_sizes_give_identical_bytes(
     assert manifest["complete"] and manifest["num_images"] == 12
     assert manifest["class_counts"] == {"0": 3, "1": 3, "2": 3, "3": 3}
     assert manifest["identity"]["sampler"] == {"sampler": "ddim", "steps": 4, "eta": 0.0,
-                                               "guidance": 1.5, "clip_x0": True}
+                                               "guidance": 1.5, "clip_x0": True,
+                                               "ddim_last_step": "x0"}
     assert len(manifest["identity"]["checkpoint_ema_sha256"]) == 64
 
 

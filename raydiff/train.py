@@ -188,7 +188,9 @@ def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
     ds = ds.randomize_block_order()
     if cfg.train.resample_factor > 0:
         rates = repeat_rates(info.counts("train"), cfg.train.resample_factor)
-        ds = ds.map_batches(Resample(rates), batch_format="numpy")
+        # A global shuffle of the still-encoded rows, every epoch: it spreads the copies of a
+        # row over the epoch, as the released sampler's independent draws are (resample.py).
+        ds = ds.map_batches(Resample(rates), batch_format="numpy").random_shuffle()
     return ds.map_batches(DecodeAndFlip(cfg.train.hflip), batch_format="numpy")
 
 

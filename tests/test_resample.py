@@ -1,5 +1,7 @@
 """Batch resampling: class probabilities of METHOD.md and the per-row repeat scheme."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -29,3 +31,113 @@ def test_repeated_rows_reach_the_target_class_shares():
     shares = np.bincount(out["label"], minlength=10) / len(out["label"])
     assert shares == pytest.approx(brs_class_probs(CIFAR10_LT, 0.1), rel=0.1)
     assert len(out["label"]) == pytest.approx(len(labels), rel=0.03)
+
+
+# --- BRS against the released sampler ------------------------------------------------------
+
+def released_class_of_position(num_rows: int, factor: float, num_classes: int) -> np.ndarray:
+    """The class the released ``dataset.brs()`` maps each position of an epoch to.
+
+    A line-by-line port of its loop (class index order, class 0 the largest): floor(N p_c)
+    positions per class, a position on a boundary goes to the later class, and the positions
+    left over by the floors go to the last class.
+    """
+    prob = [factor ** (c / (num_classes - 1)) for c in range(num_classes)]
+    per_class = [math.floor(num_rows * prob[i] / sum(prob)) for i in range(num_classes)]
+    out = np.empty(num_rows, dtype=np.int64)
+    for index in range(num_rows):
+        the_class = None
+        for i in range(num_classes):
+            if sum(per_class[:i]) <= index <= sum(per_class[:i + 1]):
+                the_class = i
+            elif index > sum(per_class[:i + 1]):
+                the_class = num_classes - 1
+        out[index] = the_class
+    return out
+
+
+def duplicate_pairs_per_batch(ids: np.ndarray, batch: int) -> float:
+    """Mean number of pairs of rows holding the same image in consecutive batches."""
+    total, batches = 0, len(ids) // batch
+    for b in range(batches):
+        _, copies = np.unique(ids[b * batch:(b + 1) * batch], return_counts=True)
+        total += int((copies * (copies - 1) // 2).sum())
+    return total / batches
+
+
+def test_brs_matches_the_released_sampler_in_class_shares_and_duplicates():
+    counts = [int(500 * 0.01 ** (c / 9)) for c in range(10)]  # CIFAR-10-LT / 10, IR 100
+    labels = np.repeat(np.arange(10), counts)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # image id of each class's first
+    n, batch, epochs = len(labels), 128, 150
+    class_of = released_class_of_position(n, 0.1, 10)
+    rates = repeat_rates(counts, 0.1)
+    rng = np.random.default_rng(0)
+    shares = {"released": np.zeros(10), "raydiff": np.zeros(10)}
+    dups = {"released": [], "raydiff": [], "local shuffle only": []}
+    for _ in range(epochs):
+        # Released: a shuffled epoch of positions, each mapped to a class, then a uniformly
+        # random image of that class.
+        cls = class_of[rng.permutation(n)]
+        ids = first[cls] + (rng.random(n) * np.asarray(counts)[cls]).astype(np.int64)
+        shares["released"] += np.bincount(cls, minlength=10)
+        dups["released"].append(duplicate_pairs_per_batch(ids, batch))
+        # raydiff: Poisson repeats, then the pipeline's global shuffle.
+        out = resample_rows({"label": labels, "id": np.arange(n)}, rates, rng)
+        shares["raydiff"] += np.bincount(out["label"], minlength=10)
+        dups["raydiff"].append(duplicate_pairs_per_batch(rng.permutation(out["id"]), batch))
+        # The copies left next to each other, mixed only by a 4-batch shuffle buffer.
+        local = out["id"].copy()
+        for start in range(0, len(local), 4 * batch):
+            rng.shuffle(local[start:start + 4 * batch])
+        dups["local shuffle only"].append(duplicate_pairs_per_batch(local, batch))
+    released, ours = (shares[k] / shares[k].sum() for k in ("released", "raydiff"))
+    # The released floors leave a few positions to the last class (+0.002 on its 0.024).
+    assert np.abs(ours - released).max() < 0.004
+    assert ours == pytest.approx(brs_class_probs(counts, 0.1), abs=0.002)
+    mean = {k: float(np.mean(v)) for k, v in dups.items()}
+    assert mean["raydiff"] == pytest.approx(mean["released"], rel=0.1), mean
+    assert mean["local shuffle only"] > 2.5 * mean["released"], mean
+
+
+@pytest.mark.slow
+def test_brs_pipeline_spreads_copies_like_the_released_sampler(ray_local, shapes16):
+    """The real Ray Data training pipeline (BRS on, flips off), epoch after epoch."""
+    import hashlib
+
+    from raydiff import config as config_lib
+    from raydiff.data import parquet
+    from raydiff.train import build_dataset
+
+    info = parquet.load_info(shapes16)
+    counts = list(info.counts("train"))
+    cfg = config_lib.resolve("tiny", overrides=["train.resample_factor=0.1", "train.hflip=false"])
+    ds = build_dataset(str(shapes16), info, cfg)
+    batch, epochs, found, labels_seen, orders = 16, 3, [], [], []
+    for _ in range(epochs):  # each iteration re-executes the pipeline: a fresh epoch
+        ids = []
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ids += [hashlib.sha1(img.tobytes()).hexdigest() for img in b["image"]]
+            labels_seen += list(b["label"])
+        assert len(set(ids)) <= sum(counts)
+        found.append(duplicate_pairs_per_batch(np.asarray(ids), batch))
+        orders.append(ids)
+    assert orders[0] != orders[1]  # a new draw and a new shuffle every epoch
+    shares = np.bincount(labels_seen, minlength=len(counts)) / len(labels_seen)
+    assert shares == pytest.approx(brs_class_probs(counts, 0.1), abs=0.06)
+
+    # The range the released rule's own 3-epoch mean falls in (0.05% to 99.95% of 2000
+    # simulated runs on the same class counts); copies left side by side score about 7.
+    n, rng = sum(counts), np.random.default_rng(0)
+    order = np.argsort(-np.asarray(counts), kind="stable")  # released: class 0 is the largest
+    class_of = order[released_class_of_position(n, 0.1, len(counts))]
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+    def released_epoch() -> float:
+        cls = class_of[rng.permutation(n)]
+        ids = first[cls] + (rng.random(n) * np.asarray(counts)[cls]).astype(np.int64)
+        return duplicate_pairs_per_batch(ids, batch)
+
+    runs = [np.mean([released_epoch() for _ in range(epochs)]) for _ in range(2000)]
+    low, high = np.quantile(runs, [0.0005, 0.9995])
+    assert low <= np.mean(found) <= high, (found, low, high)

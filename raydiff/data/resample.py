@@ -1,11 +1,20 @@
 """Batch resampling (BRS): flatten the class distribution the trainer sees.
 
 Classes ranked by training count (rank 0 = largest) are drawn with probability
-p_c proportional to f^(rank_c / (C - 1)) (METHOD.md, "Losses" 8): f = 1 is fully balanced,
-f = 0.1 turns a 100:1 imbalance into 10:1. Ray Data has no weighted sampler, so the
-resampling is done in the pipeline with per-row repeat counts: each epoch, a row of class c
-appears Poisson(rate_c) times with rate_c = N p_c / n_c, which keeps the expected epoch
-length N and gives class c the expected share p_c.
+p_c proportional to f^(rank_c / (C - 1)) (docs/METHOD.md, "Batch resampling"): f = 1 is fully
+balanced, f = 0.1 turns a 100:1 imbalance into 10:1.
+
+The released sampler maps each position of a shuffled epoch to a class (floor(N p_c)
+positions per class) and then draws a uniformly random image of that class: an epoch is a
+uniformly random sequence with those class counts, each image drawn with replacement. Ray Data
+has no weighted sampler, so raydiff builds the same thing from two pipeline stages: each row of
+class c is repeated Poisson(rate_c) times with rate_c = N p_c / n_c (``resample_rows``; the
+expected epoch length stays N, class c gets the expected share p_c, and the number of copies of
+one image has the released mean and nearly its second moment), and then the whole epoch is shuffled
+globally (``Dataset.random_shuffle``), so the copies of an image are spread over the epoch as
+the released independent draws are. Without that shuffle the copies of a row stay next to each
+other and land in the same batch. The two rules differ only in that an epoch's class counts
+vary (Poisson) around the released fixed counts.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from raydiff.diffusion import GaussianDiffusion
 from raydiff.engine import Engine
 
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense (no sparsity), SXM, NVIDIA datasheets
-# (dataset, preset, training steps, global batch): the released training settings.
-RUNS = [("CIFAR-10-LT / CIFAR-100-LT", "cifar32", 300_000, 128),
-        ("TinyImageNet-LT / ImageNet-LT 64 px", "imagenet64", 100_000, 128)]
+# (dataset, preset): steps and global batch are the preset's, i.e. the released recipes.
+RUNS = [("CIFAR-10-LT / CIFAR-100-LT", "cifar32"),
+        ("TinyImageNet-LT / ImageNet-LT 64 px", "imagenet64")]
 EVAL_SAMPLES = 50_000  # images generated for FID etc.
 INCEPTION_SIDE = 299  # FID's feature extractor resizes every image to this
 
@@ -98,7 +98,9 @@ def main() -> None:
     columns = [f"{gpu} GPU-h at {mfu:.0%}" for gpu in PEAK_BF16_TFLOPS for mfu in args.mfu]
     print("| run | method | steps x batch | TFLOP per step | " + " | ".join(columns) + " |")
     print("|---" * (4 + len(columns)) + "|")
-    for label, preset, steps, batch in RUNS:
+    for label, preset in RUNS:
+        optim = config_lib.preset(preset).optim
+        steps, batch = optim.total_steps, optim.batch_size
         for method in ("ddpm", "ccua"):
             cfg = config_lib.resolve(preset, overrides=[f"loss.method={method}"])
             step = train_flops_per_row(preset, method, args.rows) * batch * rows_per_image(cfg)

@@ -1,7 +1,7 @@
 """Feature extractors for evaluation: the Inception network of the protocol, or a classifier.
 
-torch-fidelity's ``inception-v3-compat`` (TF-compatible InceptionV3, METHOD.md "Evaluation
-protocol") gives two outputs per image: ``2048`` (pool3 features: FID, KID, P/R) and
+torch-fidelity's ``inception-v3-compat`` (TF-compatible InceptionV3, docs/METHOD.md
+"Evaluation") gives two outputs per image: ``2048`` (pool3 features: FID, KID, P/R) and
 ``logits_unbiased`` (the Inception Score). Its weights are a 95 MB download; on a machine
 without network they must be given as a file (``--inception-weights``), and
 ``resolve_weights`` says so in one line (``WeightsUnavailable``) instead of a traceback.

@@ -3,7 +3,8 @@
 The public functions take tensors, not models, so they can be used on any network:
 ``timestep_weight``, ``denoising_loss``, ``ucl_loss``, ``alignment_loss``, ``cbdm_loss``.
 ``compute_losses`` runs one forward pass of a raydiff UNet and returns every named term.
-Definitions follow METHOD.md, which follows the CCUA authors' released code.
+Definitions are in docs/METHOD.md, which follows the CCUA authors' released code and lists
+where raydiff differs from it.
 """
 
 from __future__ import annotations

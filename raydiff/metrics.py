@@ -10,7 +10,7 @@ checked against torch-fidelity's ``fid_statistics_to_metric`` in the tests. FID 
 from sufficient statistics (sum and sum of outer products, float64) that are accumulated batch
 by batch and merge across workers, so a million images never need one covariance pass.
 
-Class groups follow the long-tail literature (METHOD.md, "Evaluation protocol"): classes
+Class groups follow the long-tail literature (docs/METHOD.md, "Evaluation"): classes
 ranked by training count and cut into thirds, head / body / tail. Long-tailed recognition also
 cuts by absolute training count, many / medium / few shot (``shot_groups``).
 """

@@ -3,7 +3,7 @@
 Every report of a training run with an ``EvalSpec``, rank 0 samples a small class-balanced
 set with the EMA weights (DDIM, few steps, fixed seeds), extracts features and computes the
 Frechet distance to precomputed reference statistics, overall and per class group
-(head / body / tail, METHOD.md). Two feature spaces:
+(head / body / tail, docs/METHOD.md). Two feature spaces:
 
 - ``inception``: InceptionV3 pool3 (torch-fidelity's ``inception-v3-compat``), i.e. FID;
   needs the weights file.

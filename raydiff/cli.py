@@ -195,7 +195,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         inception_weights=args.inception_weights,
         download=not args.no_download, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size or 32,
-        reference_per_class=args.reference_per_class, cache_dir=args.cache_dir, out=args.out)
+        reference_per_class=args.reference_per_class, cache_dir=args.cache_dir, out=args.out,
+        copying=not args.no_copy_metrics)
     result = run_evaluation(job)
     print(metrics_table(result))
     if "per_class_fid_mean" in result:
@@ -228,7 +229,8 @@ def _add_evaluate(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="FID/KID/IS/PR of a sample folder against a reference split",
         description="Inception features of the samples and of the reference split in Ray Data "
-                    "actors; FID, KID, Inception Score and Precision/Recall (k = 3) overall, "
+                    "actors; FID, KID, Inception Score, Precision/Recall (k = 3), copy rate and "
+                    "diversity (against the training split's features) overall, "
                     "per head/body/tail group and per class. Writes metrics.json and metrics.png.")
     p.add_argument("--samples", required=True, help="a 'raydiff sample' output folder")
     p.add_argument("--reference", required=True,
@@ -238,6 +240,9 @@ def _add_evaluate(subparsers) -> None:
                    help=f"comma-separated subset of {','.join(METRICS)} (default: all)")
     p.add_argument("--groups", action="store_true", help="also per head / body / tail group")
     p.add_argument("--per-class", action="store_true", help="also FID per class, and its mean")
+    p.add_argument("--no-copy-metrics", action="store_true",
+                   help="skip the copy rate and diversity of each set (they need the features "
+                        "of the reference dataset's training split, cached like the reference's)")
     p.add_argument("--features", default="inception", metavar="inception|classifier:CKPT",
                    help="feature space: torch-fidelity's Inception (default), or the penultimate "
                         "layer of a 'raydiff classify' checkpoint or run folder (no download; "

@@ -1,7 +1,11 @@
-"""The DDPM noise process: schedule, q(x_t | x0), posterior and eps/x0 conversions.
+"""The DDPM noise process: schedule, q(x_t | x0), posterior and eps/x0/v conversions.
 
 Knows nothing of networks. Notation follows Ho et al. (2020): beta_t, alpha_t = 1 - beta_t,
 alpha_bar_t = prod_{s<=t} alpha_s, with t in {0, ..., T-1} (index 0 is the paper's t = 1).
+
+What the network predicts is ``diffusion.prediction``: eps (DDPM, the released code), x0, or
+v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022). Whatever it predicts,
+the samplers and the CCUA/CBDM terms work with the eps it implies (``eps_from_output``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ class GaussianDiffusion:
 
     def __init__(self, cfg: DiffusionConfig):
         self.num_timesteps = cfg.num_timesteps
+        self.prediction = cfg.prediction
+        self.loss_weighting = cfg.loss_weighting
+        self.min_snr_gamma = cfg.min_snr_gamma
         betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_timesteps,
                                dtype=torch.float64)
         alphas = 1.0 - betas
@@ -63,3 +70,41 @@ class GaussianDiffusion:
     def alpha_bar_at(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t for t >= 0, and 1 for t = -1 (the end of a DDIM trajectory)."""
         return self.at(self._alpha_bar_ext, t + 1, like)
+
+    # -- what the network predicts ---------------------------------------------------------
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The training target of the configured prediction: eps, x0 or v."""
+        if self.prediction == "eps":
+            return eps
+        if self.prediction == "x0":
+            return x0
+        return (self.at(self.sqrt_alpha_bar, t, x0) * eps
+                - self.at(self.sqrt_one_minus_alpha_bar, t, x0) * x0)
+
+    def eps_from_output(self, x_t: torch.Tensor, t: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+        """The eps a network output implies: eps itself, (x_t - sqrt(ab) x0) / sqrt(1 - ab)
+        for x0, and sqrt(ab) v + sqrt(1 - ab) x_t for v."""
+        if self.prediction == "eps":
+            return out
+        if self.prediction == "x0":
+            return self.predict_eps(x_t, t, out)
+        return (self.at(self.sqrt_alpha_bar, t, x_t) * out
+                + self.at(self.sqrt_one_minus_alpha_bar, t, x_t) * x_t)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-row weight of the denoising loss; None for the uniform weighting of DDPM.
+
+        ``min_snr`` (Hang et al. 2023) caps the signal-to-noise ratio at gamma, written for the
+        configured target: min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and
+        min(SNR, gamma) / (SNR + 1) for v, so that every target gets the same effective weight
+        on the x0 error.
+        """
+        if self.loss_weighting == "uniform":
+            return None
+        ab = self.alpha_bar.to(t.device)[t]
+        snr = ab / (1.0 - ab)
+        capped = snr.clamp(max=self.min_snr_gamma)
+        weight = {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1.0)}[self.prediction]
+        return weight.float()

@@ -68,6 +68,9 @@ class EvalJob:
     cpus_per_actor: float = 1.0
     batch_size: int = 32
     reference_per_class: int | None = None  # use only the first N reference images per class
+    # copy rate and diversity per set: needs the features of the reference dataset's training
+    # split (cached like the reference's)
+    copying: bool = True
     cache_dir: str | None = None  # default: ~/.cache/raydiff/reference-features
     out: str | None = None  # default: the sample folder
 
@@ -223,12 +226,13 @@ def reference_identity(reference: str) -> str:
     return digest.hexdigest()
 
 
-def _reference_positions(reference: str, per_class: int | None) -> dict[str, int]:
-    """Position of each reference image kept (file order; first ``per_class`` per class)."""
-    table = parquet.read_split(reference, "reference", columns=["label", "source"])
+def _reference_positions(reference: str, per_class: int | None,
+                         split: str = "reference") -> dict[str, int]:
+    """Position of each image of ``split`` kept (file order; first ``per_class`` per class)."""
+    table = parquet.read_split(reference, split, columns=["label", "source"])
     labels, sources = table.column("label").to_numpy(), table.column("source").to_pylist()
     if len(set(sources)) != len(sources):
-        raise RaydiffError(f"{reference}: reference rows do not have unique 'source' values")
+        raise RaydiffError(f"{reference}: {split} rows do not have unique 'source' values")
     seen: dict[int, int] = {}
     positions: dict[str, int] = {}
     for label, source in zip(labels.tolist(), sources):
@@ -238,11 +242,16 @@ def _reference_positions(reference: str, per_class: int | None) -> dict[str, int
     return positions
 
 
-def reference_features(job: EvalJob, extractor: Extractor) -> tuple[FeatureSet, bool]:
-    """The reference's features from the cache, or extracted (and cached); True on a hit."""
+def reference_features(job: EvalJob, extractor: Extractor,
+                       split: str = "reference") -> tuple[FeatureSet, bool]:
+    """The features of the reference dataset's ``split`` (its reference images, or its
+    training images for the copy rate) from the cache, or extracted (and cached); True on a
+    hit. The reference split is cut to ``job.reference_per_class``; the training split is whole."""
+    per_class = job.reference_per_class if split == "reference" else None
     key_data = {"version": CACHE_VERSION, "reference": reference_identity(job.reference),
-                "per_class": job.reference_per_class, "extractor": extractor.name,
-                "weights_sha256": extractor.sha256}
+                "per_class": per_class, "extractor": extractor.name,
+                "weights_sha256": extractor.sha256,
+                **({"split": split} if split != "reference" else {})}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
     folder = Path(job.cache_dir or default_cache_dir()) / key
     if (folder / "meta.json").is_file():
@@ -250,8 +259,8 @@ def reference_features(job: EvalJob, extractor: Extractor) -> tuple[FeatureSet, 
         return FeatureSet(np.load(folder / "features.npy"), np.load(folder / "labels.npy")), True
     import ray
 
-    positions = _reference_positions(job.reference, job.reference_per_class)
-    ds = ray.data.read_parquet(parquet.split_paths(job.reference, "reference"),
+    positions = _reference_positions(job.reference, per_class, split)
+    ds = ray.data.read_parquet(parquet.split_paths(job.reference, split),
                                columns=["image", "label", "source"])
     ds = ds.map_batches(key_by_source, fn_kwargs={"positions": positions}, batch_format="numpy",
                         batch_size=None)
@@ -271,9 +280,11 @@ def reference_features(job: EvalJob, extractor: Extractor) -> tuple[FeatureSet, 
 # --- metrics ----------------------------------------------------------------------------------
 
 def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], ref: FeatureSet,
-                groups: np.ndarray, classes: list[int], classifier: bool = False) -> dict:
+                groups: np.ndarray, classes: list[int], classifier: bool = False,
+                train: FeatureSet | None = None) -> dict:
     """Overall and per-group metrics, and per-class FID when asked; with ``classifier`` (the
-    logits are a classifier's), its top-1 on the generated images of every set."""
+    logits are a classifier's), its top-1 on the generated images of every set; with the
+    ``train`` features, each set's copy rate and diversity (``metrics.copy_and_diversity``)."""
     sets = {"overall": list(classes)}
     if job.groups:
         sets.update({name: [c for c in classes if groups[c] == g]
@@ -291,6 +302,10 @@ def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], re
             job.metrics, stats, FeatureStats.of(ref.features[in_ref]), gen.features[in_gen],
             ref.features[in_ref], None if gen.logits is None else gen.logits[in_gen])
         results[name]["classes"] = members
+        if train is not None:
+            results[name].update(metrics_lib.copy_and_diversity(
+                gen.features[in_gen], gen.labels[in_gen], train.features, train.labels,
+                ref.features, ref.labels, members))
         if classifier:  # its top-1 on the generated images of the set
             results[name]["classifier_top1"] = float(
                 (gen.logits[in_gen].argmax(1) == gen.labels[in_gen]).mean())
@@ -335,6 +350,7 @@ def run_evaluation(job: EvalJob) -> dict:
     init_ray(job.actors * job.cpus_per_actor)
     start = time.monotonic()
     ref, cache_hit = reference_features(job, extractor)
+    train = reference_features(job, extractor, "train")[0] if job.copying else None
     ref_seconds = time.monotonic() - start
     groups = metrics_lib.class_groups(info.counts("train"))
     gen, gen_stats = sample_features(job, manifest, extractor, groups,
@@ -350,10 +366,12 @@ def run_evaluation(job: EvalJob) -> dict:
                         if k in ("metrics", "groups", "per_class", "reference_per_class")},
                      "kid_subsets": metrics_lib.KID_SUBSETS, "isc_splits": metrics_lib.ISC_SPLITS,
                      "prc_neighborhood": metrics_lib.PRC_NEIGHBORHOOD,
-                     "prc_max_images": metrics_lib.PRC_MAX_IMAGES},
+                     "prc_max_images": metrics_lib.PRC_MAX_IMAGES,
+                     "copy_ratio": metrics_lib.COPY_RATIO if job.copying else None,
+                     "diversity_max_rows": metrics_lib.DIVERSITY_MAX_ROWS},
         "groups": {name: [c for c in range(info.num_classes) if groups[c] == g]
                    for g, name in enumerate(GROUPS)},
-        **compute_all(job, gen, gen_stats, ref, groups, classes, classifier),
+        **compute_all(job, gen, gen_stats, ref, groups, classes, classifier, train),
         "reference_cache": "hit" if cache_hit else "miss",
         "seconds": {"reference_features": round(ref_seconds, 2),
                     "sample_features": round(features_seconds - ref_seconds, 2),

@@ -38,9 +38,12 @@ def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
 
 
-def denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """L_ddpm: mean over batch and pixels of (eps - eps_theta)^2."""
-    return _per_sample_mse(eps_pred, eps).mean()
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L_ddpm: mean over batch and pixels of (target - prediction)^2, the target being eps
+    (DDPM), x0 or v; ``weight`` is a per-row timestep weighting (min-SNR), None for uniform."""
+    per_sample = _per_sample_mse(pred, target)
+    return (per_sample if weight is None else weight * per_sample).mean()
 
 
 def _gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -129,46 +132,52 @@ def cbdm_loss(eps_y: torch.Tensor, eps_y_prime: torch.Tensor, weight: torch.Tens
     return (weight.float() * (pull + 0.25 * push)).mean()
 
 
-def _ccua_terms(model: nn.Module, x_t, t, y_in, dropped, eps, cfg: LossConfig,
-                T: int) -> dict[str, torch.Tensor]:
+def _ccua_terms(model: nn.Module, diffusion: GaussianDiffusion, x_t, t, y_in, dropped, target,
+                weight, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """One forward of B + n_u rows: the conditional batch plus the unconditional rows needed.
 
     Rows with w(t) = 0 need no unconditional prediction. Rows whose label was dropped already
     are unconditional: their conditional pass supplies their UCL features, and their AL term
-    is 0 by definition, so they are not run twice.
+    is 0 by definition, so they are not run twice. AL compares the eps the two outputs imply,
+    whatever the network predicts (for eps-prediction, the outputs themselves).
     """
-    B = x_t.shape[0]
+    B, T = x_t.shape[0], diffusion.num_timesteps
     w = timestep_weight(t, T, cfg.weight_power, cfg.t_align)
     active = w > 0
     run_uncond = active & ~dropped
     u_idx = run_uncond.nonzero().squeeze(1)
     null = torch.full_like(u_idx, model_null_label(model))
-    eps_all, z_all = model(torch.cat([x_t, x_t[u_idx]]), torch.cat([t, t[u_idx]]),
+    out_all, z_all = model(torch.cat([x_t, x_t[u_idx]]), torch.cat([t, t[u_idx]]),
                            torch.cat([y_in, null]), return_features=True)
-    eps_c, eps_u = eps_all[:B], eps_all[B:]
+    out_c, out_u = out_all[:B], out_all[B:]
     z_c, z_u = z_all[:B], z_all[B:]
     # AL is computed on the rows that need it, then rescaled to a mean over all B rows.
-    al = alignment_loss(eps_c[u_idx], eps_u, w[u_idx]) * (u_idx.numel() / B)
+    x_u, t_u = x_t[u_idx], t[u_idx]
+    al = alignment_loss(diffusion.eps_from_output(x_u, t_u, out_c[u_idx]),
+                        diffusion.eps_from_output(x_u, t_u, out_u), w[u_idx]) * (u_idx.numel() / B)
     # UCL sees all B rows in batch order (its groups are positions in the global batch); rows
     # with w = 0 keep their conditional features, which ucl_loss ignores.
     z = z_c.index_put((u_idx,), z_u)
     group = None if cfg.global_negatives else cfg.ucl_group_size
     ucl = ucl_loss(z, w, cfg.temperature, group)
-    ddpm = denoising_loss(eps_c, eps)
+    ddpm = denoising_loss(out_c, target, weight)
     return {"loss": ddpm + cfg.ucl_weight * ucl + cfg.al_weight * al,
             "ddpm": ddpm, "ucl": ucl, "al": al}
 
 
-def _cbdm_terms(model: nn.Module, x_t, t, y_in, dropped, eps, cfg: LossConfig, T: int,
-                class_prior: torch.Tensor, generator) -> dict[str, torch.Tensor]:
+def _cbdm_terms(model: nn.Module, diffusion: GaussianDiffusion, x_t, t, y_in, dropped, target,
+                weight, cfg: LossConfig, class_prior: torch.Tensor,
+                generator) -> dict[str, torch.Tensor]:
     """CBDM's two passes; rows whose label was dropped for CFG get no regulariser, as in the
     released code (which drops whole batches and then skips CBDM for them)."""
     y_prime = torch.multinomial(class_prior.to(x_t.device), x_t.shape[0], replacement=True,
                                 generator=generator)
-    eps_y, eps_y_prime = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+    out_y, out_y_prime = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                torch.cat([y_in, y_prime])).chunk(2)
-    ddpm = denoising_loss(eps_y, eps)
-    cb = cbdm_loss(eps_y, eps_y_prime, cfg.cbdm_tau * t.float() / T * (~dropped).float())
+    ddpm = denoising_loss(out_y, target, weight)
+    w = cfg.cbdm_tau * t.float() / diffusion.num_timesteps * (~dropped).float()
+    cb = cbdm_loss(diffusion.eps_from_output(x_t, t, out_y),
+                   diffusion.eps_from_output(x_t, t, out_y_prime), w)
     return {"loss": ddpm + cb, "ddpm": ddpm, "cbdm": cb}
 
 
@@ -184,19 +193,20 @@ def compute_losses(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Ten
     ``class_prior`` (probabilities over the real classes) is where CBDM draws y' from;
     uniform when not given. ``model`` may be wrapped in DDP.
     """
-    T = diffusion.num_timesteps
     B = x0.shape[0]
-    t = torch.randint(0, T, (B,), device=x0.device, generator=generator)
+    t = torch.randint(0, diffusion.num_timesteps, (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     x_t = diffusion.q_sample(x0, t, eps)
     y_in, dropped = drop_labels(y, model_null_label(model), cfg.label_dropout, generator)
+    target, weight = diffusion.target(x0, eps, t), diffusion.loss_weight(t)
     if cfg.method == "ccua" and (cfg.ucl_weight > 0 or cfg.al_weight > 0):
-        return _ccua_terms(model, x_t, t, y_in, dropped, eps, cfg, T)
+        return _ccua_terms(model, diffusion, x_t, t, y_in, dropped, target, weight, cfg)
     if cfg.method == "cbdm":
         if class_prior is None:
             num_classes = model_null_label(model)
             class_prior = torch.full((num_classes,), 1.0 / num_classes)
-        return _cbdm_terms(model, x_t, t, y_in, dropped, eps, cfg, T, class_prior, generator)
-    ddpm = denoising_loss(model(x_t, t, y_in), eps)
+        return _cbdm_terms(model, diffusion, x_t, t, y_in, dropped, target, weight, cfg,
+                           class_prior, generator)
+    ddpm = denoising_loss(model(x_t, t, y_in), target, weight)
     return {"loss": ddpm, "ddpm": ddpm}
 

@@ -229,3 +229,79 @@ def per_class_fid(gen_rows: np.ndarray, gen_labels: np.ndarray, ref_rows: np.nda
     """FID of each class's samples against that class's reference images."""
     return {int(c): fid_from_rows(gen_rows[gen_labels == c], ref_rows[ref_labels == c])
             for c in classes}
+
+
+# --- copying and diversity (what CCUA is for) ------------------------------------------------
+
+# A generated image counts as a copy when its nearest training image of its class is at least
+# COPY_RATIO times closer than its nearest reference image of that class (a ratio test in the
+# spirit of the memorisation studies, e.g. Gu et al. 2023, who compare the nearest and second
+# nearest training image with the same 1/3). A fresh sample is about as close to the reference
+# as to the training images (closer, where the training class is small); a copy is at
+# distance ~0 from a training image.
+COPY_RATIO = 1 / 3
+DIVERSITY_MAX_ROWS = 1000  # rows per class and side in the pairwise distances (seeded subset)
+
+
+def nearest_distance(queries: np.ndarray, keys: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Euclidean distance from every query row to its nearest key row, in float64."""
+    keys = np.asarray(keys, np.float64)
+    key_sq = (keys ** 2).sum(1)
+    out = np.empty(len(queries))
+    for start in range(0, len(queries), chunk):
+        q = np.asarray(queries[start:start + chunk], np.float64)
+        d2 = (q ** 2).sum(1)[:, None] + key_sq[None] - 2 * q @ keys.T
+        out[start:start + chunk] = np.sqrt(np.clip(d2.min(axis=1), 0, None))
+    return out
+
+
+def copy_ratios(gen: np.ndarray, gen_labels: np.ndarray, train: np.ndarray,
+                train_labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray) -> np.ndarray:
+    """Per generated row: (distance to the nearest training row of its class) / (distance to
+    the nearest reference row of its class); NaN where the class has no training or no
+    reference rows. Below ``COPY_RATIO`` the row counts as a copy."""
+    out = np.full(len(gen), np.nan)
+    for c in np.unique(gen_labels):
+        rows, t, r = gen_labels == c, train[train_labels == c], ref[ref_labels == c]
+        if len(t) and len(r):
+            d_ref = nearest_distance(gen[rows], r)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[rows] = nearest_distance(gen[rows], t) / d_ref
+    return out
+
+
+def mean_pairwise_distance(rows: np.ndarray, max_rows: int = DIVERSITY_MAX_ROWS,
+                           seed: int = RNG_SEED) -> float:
+    """Mean Euclidean distance over the pairs of distinct rows (a seeded subset above
+    ``max_rows``); NaN with fewer than two rows."""
+    rows = np.asarray(_subset(np.asarray(rows), max_rows, seed), np.float64)
+    n = len(rows)
+    if n < 2:
+        return float("nan")
+    sq = (rows ** 2).sum(1)
+    d = np.sqrt(np.clip(sq[:, None] + sq[None] - 2 * rows @ rows.T, 0, None))
+    return float(d[np.triu_indices(n, 1)].mean())
+
+
+def class_diversity(gen: np.ndarray, gen_labels: np.ndarray, ref: np.ndarray,
+                    ref_labels: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Per class: mean pairwise distance of its generated rows over that of its reference
+    rows. 1 = as diverse as real images of the class; a generator that repeats a few images
+    scores well below 1."""
+    return {int(c): mean_pairwise_distance(gen[gen_labels == c])
+            / mean_pairwise_distance(ref[ref_labels == c]) for c in classes}
+
+
+def copy_and_diversity(gen: np.ndarray, gen_labels: np.ndarray, train: np.ndarray,
+                       train_labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray,
+                       classes: Sequence[int]) -> dict[str, float]:
+    """``copy_rate`` (share of the generated rows of ``classes`` that are copies, see
+    ``COPY_RATIO``) and ``diversity`` (mean of ``class_diversity`` over the classes that have
+    a value) of one set of classes."""
+    keep = np.isin(gen_labels, list(classes))
+    ratios = copy_ratios(gen[keep], gen_labels[keep], train, train_labels, ref, ref_labels)
+    defined = ratios[~np.isnan(ratios)]
+    diversity = [v for v in class_diversity(gen, gen_labels, ref, ref_labels, classes).values()
+                 if np.isfinite(v)]
+    return {"copy_rate": float((defined < COPY_RATIO).mean()) if len(defined) else float("nan"),
+            "diversity": float(np.mean(diversity)) if diversity else float("nan")}

@@ -19,6 +19,8 @@ METRIC_COLUMNS = (
     ("precision", "Precision", "{:.3f}"),
     ("recall", "Recall", "{:.3f}"),
     ("classifier_top1", "Classifier top-1", "{:.3f}"),  # --features classifier:CKPT
+    ("copy_rate", "Copy rate", "{:.3f}"),  # share of samples much closer to a training image
+    ("diversity", "Diversity", "{:.3f}"),  # pairwise spread relative to the reference's
 )
 _SET_COLOURS = {"overall": (70, 70, 70), "head": (31, 119, 180), "body": (255, 127, 14),
                 "tail": (214, 39, 40), "many": (44, 160, 44), "medium": (148, 103, 189),

@@ -142,7 +142,12 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, labels: Sequen
     device = next(model.parameters()).device
     mcfg = model.cfg
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
-    model_fn = guided_model_fn(model, mcfg.num_classes, cfg.guidance)
+    guided = guided_model_fn(model, mcfg.num_classes, cfg.guidance)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Guidance is an affine combination (weights 1 + w and -w), so guiding the network's
+        # output and then converting it to eps equals guiding the eps it implies.
+        return diffusion.eps_from_output(x, t, guided(x, t, y))
     shape = (mcfg.in_channels, mcfg.resolution, mcfg.resolution)
     return SAMPLERS[cfg.sampler](model_fn, diffusion, y, ImageNoise(seeds, device), shape,
                                 steps=cfg.steps, eta=cfg.eta, clip_x0=cfg.clip_x0,

@@ -105,12 +105,37 @@ def test_second_evaluation_reads_the_reference_features_from_the_cache(first_eva
     from dataclasses import replace
 
     again = run_evaluation(replace(job, actors=1, metrics=("fid",), groups=False,
-                                   per_class=False, out=str(tmp_path)))
+                                   per_class=False, copying=False, out=str(tmp_path)))
     assert again["reference_cache"] == "hit"
     assert again["seconds"]["reference_features"] < 5
     assert again["sets"]["overall"]["fid"] == pytest.approx(result["sets"]["overall"]["fid"],
                                                             rel=1e-6)
     assert set(again["sets"]["overall"]) == {"num_generated", "num_reference", "fid", "classes"}
+
+
+def test_copy_rate_and_diversity_equal_an_in_process_computation(
+        first_evaluation, samples, shapes16_tiny, inception_weights):
+    """The training split's features (the copy rate's other side) come through the same
+    actors and cache as the reference's; the numbers equal the metric on features extracted
+    here, in one process."""
+    from raydiff.features import InceptionFeatures
+    from raydiff.metrics import copy_and_diversity
+
+    _, result = first_evaluation
+    extract = InceptionFeatures(inception_weights)
+    gen_images, gen_labels, _ = read_samples(samples)
+    ref_images, ref_labels = read_split_arrays(shapes16_tiny, "reference")
+    keep = first_per_class(np.arange(len(ref_labels)), ref_labels, REF_PER_CLASS)
+    train_images, train_labels = read_split_arrays(shapes16_tiny, "train")
+    gen, ref, train = (extract(images)[0] for images in
+                       (gen_images, ref_images[keep], train_images))
+    assert result["settings"]["copy_ratio"] == pytest.approx(1 / 3)
+    for name, values in result["sets"].items():
+        expected = copy_and_diversity(gen, gen_labels, train, train_labels, ref,
+                                      ref_labels[keep], values["classes"])
+        assert 0.0 <= values["copy_rate"] <= 1.0
+        assert values["copy_rate"] == pytest.approx(expected["copy_rate"]), name
+        assert values["diversity"] == pytest.approx(expected["diversity"], rel=1e-4), name
 
 
 def _error_line(capsys, argv: list[str]) -> str:

@@ -149,11 +149,15 @@ def test_classifier_features_for_evaluate(real_run, samples, shapes16, tmp_path)
     assert overall["classifier_top1"] == pytest.approx(accuracy["top1"])
     assert result["sets"]["tail"]["classifier_top1"] == pytest.approx(
         accuracy["groups"]["tail"]["top1"])
-    # the cache key names the extractor and the checkpoint's hash
-    (entry,) = (tmp_path / "cache").iterdir()
-    meta = json.loads((entry / "meta.json").read_text())
-    assert meta["extractor"] == "classifier:resnet10"
-    assert meta["weights_sha256"] == extractor["weights_sha256"]
+    # the cache keys (the reference split, and the training split for the copy rate) name the
+    # extractor and the checkpoint's hash
+    metas = [json.loads((entry / "meta.json").read_text())
+             for entry in (tmp_path / "cache").iterdir()]
+    assert sorted(m.get("split", "reference") for m in metas) == ["reference", "train"]
+    for meta in metas:
+        assert meta["extractor"] == "classifier:resnet10"
+        assert meta["weights_sha256"] == extractor["weights_sha256"]
+    assert 0.0 <= overall["copy_rate"] <= 1.0 and overall["diversity"] > 0
 
 
 def test_job_entry_point_wants_shared_locations():

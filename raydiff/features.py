@@ -92,12 +92,8 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def check_weights_file(path: str | Path) -> None:
-    """Refuse a weights file that is more than tensors before torch-fidelity unpickles it.
-
-    torch-fidelity unpickles the file in full (weights-only loading off), which would run
-    whatever code a pickle carries; reading it once with ``weights_only=True`` first means
-    only plain state dicts ever get that far.
-    """
+    """Refuse, with one clear line, a weights file that is more than an Inception state dict
+    (``weights_only=True``: a pickle that carries code is refused, never run)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
@@ -111,12 +107,18 @@ class InceptionFeatures:
     """Pool3 features and unbiased logits of uint8 images, on one device."""
 
     def __init__(self, weights: str | Path, device: str | torch.device = "cpu"):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from unittest import mock
+
+        import torch_fidelity.feature_extractor_inceptionv3 as inception
 
         self.device = torch.device(device)
-        self.model = FeatureExtractorInceptionV3(
-            EXTRACTOR, list(FEATURE_LAYERS), feature_extractor_weights_path=str(weights),
-        ).to(self.device)
+        # torch-fidelity unpickles a weights path with weights_only=False, so it never gets
+        # one: raydiff reads the tensors itself (weights_only=True) and hands them over where
+        # torch-fidelity would otherwise take its downloaded state dict.
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        with mock.patch.object(inception, "load_state_dict_from_url", return_value=state):
+            model = inception.FeatureExtractorInceptionV3(EXTRACTOR, list(FEATURE_LAYERS))
+        self.model = model.to(self.device)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydiff import losses
 from raydiff.config import DiffusionConfig, LossConfig
 from raydiff.diffusion import GaussianDiffusion
 from raydiff.losses import (alignment_loss, cbdm_loss, compute_losses, denoising_loss,
@@ -127,22 +128,33 @@ def _losses(cfg: LossConfig, B: int = 16, seed: int = 0):
     return model, terms
 
 
-def test_ccua_runs_one_forward_and_skips_rows_that_need_no_unconditional_pass():
+def test_ccua_runs_one_forward_and_skips_rows_that_need_no_unconditional_pass(monkeypatch):
     cfg = LossConfig(t_align=500, label_dropout=0.3)
-    model, terms = _losses(cfg)
+    B = 64
+    torch.manual_seed(0)  # x0
+    model, terms = _losses(cfg, B=B)
     assert len(model.calls) == 1, "conditional and unconditional rows share one forward"
     labels = model.calls[0]
     # replay the draws of compute_losses to know t and the dropped rows
     g = torch.Generator().manual_seed(0)
-    t = torch.randint(0, T, (16,), generator=g)
-    torch.randn((16, 1, 2, 2), generator=g)
-    dropped = torch.rand(16, generator=g) < 0.3
-    expected_uncond = int(((t >= 500) & ~dropped).sum())
-    assert labels.shape[0] == 16 + expected_uncond
-    assert (labels[16:] == SpyModel.null_label).all()
+    t = torch.randint(0, T, (B,), generator=g)
+    torch.randn((B, 1, 2, 2), generator=g)
+    dropped = torch.rand(B, generator=g) < 0.3
+    needed = int(((t >= 500) & ~dropped).sum())
+    multiple = losses.UNCOND_ROW_MULTIPLE
+    assert needed % multiple, "the draw should need padding for this test to mean anything"
+    assert labels.shape[0] == B + min(B, -(-needed // multiple) * multiple)
+    assert (labels[B:] == SpyModel.null_label).all()
     assert set(terms) == {"loss", "ddpm", "ucl", "al"}
     total = terms["ddpm"] + cfg.ucl_weight * terms["ucl"] + cfg.al_weight * terms["al"]
     assert terms["loss"].item() == pytest.approx(total.item())
+    # the padding rows (weight 0) change no term: the same draw without padding
+    monkeypatch.setattr(losses, "UNCOND_ROW_MULTIPLE", 1)
+    torch.manual_seed(0)
+    unpadded_model, unpadded = _losses(cfg, B=B)
+    assert unpadded_model.calls[0].shape[0] == B + needed
+    for name in terms:
+        assert terms[name].item() == pytest.approx(unpadded[name].item(), rel=1e-6, abs=1e-9), name
 
 
 def test_alignment_is_zero_when_every_label_is_dropped():

@@ -31,7 +31,7 @@ from raydiff.checkpoint import describe_mismatch
 from raydiff.config import Config
 from raydiff.data import parquet
 from raydiff.data.resample import class_ranks, repeat_rates, resample_rows
-from raydiff.engine import Engine, NonFiniteLossError
+from raydiff.engine import Engine, NonFiniteLossError, step_seed
 from raydiff.errors import RaydiffError
 from raydiff.quickeval import EvalSpec, QuickEval
 from raydiff.runlog import RunLog, save_class_grid
@@ -39,6 +39,8 @@ from raydiff.runlog import RunLog, save_class_grid
 logger = logging.getLogger(__name__)
 
 _SHUFFLE_BUFFER_BATCHES = 4  # local shuffle buffer, in per-worker batches
+DECODE_ONCE_MAX_BYTES = 2 << 30  # training splits this small (decoded) are decoded once
+_BLOCK_BATCHES = 2  # rows per block of a decoded-once split, in global batches
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,12 @@ def find_latest_checkpoint(storage: str, name: str) -> str | None:
     return f"{run_dir(storage, name)}/{latest[0]}" if latest else None
 
 
+def latest_step(storage: str, name: str) -> int:
+    """The step of a run's newest registered checkpoint; 0 for a run without one."""
+    latest = _latest_registered(storage, name)
+    return latest[1] if latest else 0
+
+
 def check_resume(job: TrainJob) -> int:
     """The step a relaunch resumes from (0 for a new run); refuses a checkpoint of another
     network or dataset before any worker starts."""
@@ -155,18 +163,10 @@ def check_batch(job: TrainJob, info: parquet.DatasetInfo) -> None:
 
 # --- the data pipeline ----------------------------------------------------------------------
 
-class DecodeAndFlip:
-    """Ray Data batch function: PNG bytes -> uint8 NHWC, random horizontal flips."""
-
-    def __init__(self, hflip: bool):
-        self.hflip = hflip
-
-    def __call__(self, batch: dict) -> dict:
-        images = parquet.decode_batch({"image": batch["image"]})["image"]
-        if self.hflip:
-            flip = np.random.default_rng().random(len(images)) < 0.5
-            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        return {"image": np.ascontiguousarray(images), "label": np.asarray(batch["label"])}
+def decode(batch: dict) -> dict:
+    """Ray Data batch function: PNG bytes -> uint8 NHWC images."""
+    images = parquet.decode_batch({"image": batch["image"]})["image"]
+    return {"image": images, "label": np.asarray(batch["label"])}
 
 
 class Resample:
@@ -180,29 +180,48 @@ class Resample:
 
 
 def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
+    """The training pipeline; every iteration over it is a new epoch.
+
+    A training split whose decoded images fit in ``DECODE_ONCE_MAX_BYTES`` (the built-in
+    shapes, CIFAR-LT, TinyImageNet-LT at 64 px) is decoded once, here, and kept in the object
+    store in blocks of about ``_BLOCK_BATCHES`` batches; each epoch then only reorders those
+    blocks. A larger split streams: every epoch reads and decodes the Parquet shards again.
+    On 2 CPU cores, decoding the shapes' PNGs every epoch took a third of the training time.
+    Flips are drawn by the worker, on its device (``_batches``).
+    """
     import ray
 
     # The streaming split feeds training forever: its bars would only repeat the progress line.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = info.num_images("train")
     ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(["image", "label"])
+    decode_once = rows * info.resolution ** 2 * cfg.model.in_channels <= DECODE_ONCE_MAX_BYTES
+    if decode_once:
+        blocks = max(1, rows // (_BLOCK_BATCHES * cfg.optim.batch_size))
+        ds = ds.map_batches(decode, batch_format="numpy").repartition(blocks).materialize()
     ds = ds.randomize_block_order()
     if cfg.train.resample_factor > 0:
         rates = repeat_rates(info.counts("train"), cfg.train.resample_factor)
-        # A global shuffle of the still-encoded rows, every epoch: it spreads the copies of a
-        # row over the epoch, as the released sampler's independent draws are (resample.py).
+        # A global shuffle of the rows, every epoch: it spreads the copies of a row over the
+        # epoch, as the released sampler's independent draws are (resample.py).
         ds = ds.map_batches(Resample(rates), batch_format="numpy").random_shuffle()
-    return ds.map_batches(DecodeAndFlip(cfg.train.hflip), batch_format="numpy")
+    return ds if decode_once else ds.map_batches(decode, batch_format="numpy")
 
 
 # --- the worker -----------------------------------------------------------------------------
 
-def _batches(shard, batch_size: int, device: torch.device) -> Iterator[tuple]:
-    """Endless (images in [-1, 1] NCHW, labels) batches, epoch after epoch."""
+def _batches(shard, batch_size: int, device: torch.device,
+             flip_generator: torch.Generator | None) -> Iterator[tuple]:
+    """Endless (images in [-1, 1] NCHW, labels) batches, epoch after epoch; with a generator,
+    each image is flipped horizontally with probability 1/2."""
     while True:
         for batch in shard.iter_torch_batches(
                 batch_size=batch_size, drop_last=True, device=device,
                 local_shuffle_buffer_size=_SHUFFLE_BUFFER_BATCHES * batch_size):
             x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            if flip_generator is not None:
+                flip = torch.rand(x0.shape[0], device=device, generator=flip_generator) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
             yield x0, batch["label"].long()
 
 
@@ -287,7 +306,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
     if loop_config.get("eval") and rank == 0:
         reference = ray.get(loop_config["eval_reference"][0])
         quickeval = QuickEval(EvalSpec(**loop_config["eval"]), reference, device)
-    batches = _batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size // world, device)
+    flips = None
+    if cfg.train.hflip:
+        flips = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, rank, start_step))
+    batches = _batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size // world,
+                       device, flips)
 
     sums: dict[str, float] = {}
     seen, tick = 0, time.perf_counter()

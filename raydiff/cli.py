@@ -238,7 +238,9 @@ def _add_evaluate(subparsers) -> None:
                         "counts for the head/body/tail groups")
     p.add_argument("--metrics", type=_metric_list, default=METRICS,
                    help=f"comma-separated subset of {','.join(METRICS)} (default: all)")
-    p.add_argument("--groups", action="store_true", help="also per head / body / tail group")
+    p.add_argument("--groups", action="store_true",
+                   help="also per head / body / tail third and per many / medium / few-shot "
+                        "group (empty groups are left out)")
     p.add_argument("--per-class", action="store_true", help="also FID per class, and its mean")
     p.add_argument("--no-copy-metrics", action="store_true",
                    help="skip the copy rate and diversity of each set (they need the features "
@@ -368,6 +370,24 @@ def _add_tune(subparsers) -> None:
     p.set_defaults(func=lambda args: tune.run(args, config_from_args(args)))
 
 
+def _add_study(subparsers) -> None:
+    from raydiff import study
+
+    p = subparsers.add_parser(
+        "study", help="compare methods x seeds at an equal budget: train (Ray Tune grid), "
+                      "sample, evaluate, tabulate",
+        description="Train every variant (--methods) once per seed (--seeds) at the same "
+                    "budget as a Ray Tune grid, sample the same class-balanced set from each "
+                    "and evaluate it on Ray Data, then write study.md (mean and 95% interval "
+                    "over seeds per class group, and the difference to the first variant), "
+                    "study.json and study.png. The same command again resumes.")
+    study.add_arguments(p)
+    add_inception_arguments(p)
+    add_config_arguments(p)
+    add_cluster_arguments(p, workers_flag="--workers-per-trial")
+    p.set_defaults(func=lambda args: study.run(args, config_from_args(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -380,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(subparsers)
     _add_demo(subparsers)
     _add_tune(subparsers)
+    _add_study(subparsers)
     return parser
 
 

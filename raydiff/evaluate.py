@@ -40,7 +40,7 @@ from raydiff.data import parquet
 from raydiff.data.images import decode_images
 from raydiff.errors import RaydiffError
 from raydiff.features import Extractor, resolve_extractor
-from raydiff.metrics import GROUPS, METRICS, FeatureStats
+from raydiff.metrics import GROUPS, METRICS, SHOT_GROUPS, FeatureStats
 from raydiff.sample import load_manifest, quiet, shard_paths
 from raydiff.storage import Folder, atomic_path, to_buffer
 
@@ -281,7 +281,7 @@ def reference_features(job: EvalJob, extractor: Extractor,
 
 def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], ref: FeatureSet,
                 groups: np.ndarray, classes: list[int], classifier: bool = False,
-                train: FeatureSet | None = None) -> dict:
+                train: FeatureSet | None = None, shots: np.ndarray | None = None) -> dict:
     """Overall and per-group metrics, and per-class FID when asked; with ``classifier`` (the
     logits are a classifier's), its top-1 on the generated images of every set; with the
     ``train`` features, each set's copy rate and diversity (``metrics.copy_and_diversity``)."""
@@ -289,15 +289,21 @@ def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], re
     if job.groups:
         sets.update({name: [c for c in classes if groups[c] == g]
                      for g, name in enumerate(GROUPS)})
+        if shots is not None:  # many / medium / few shot, by absolute training count
+            sets.update({name: [c for c in classes if shots[c] == g]
+                         for g, name in enumerate(SHOT_GROUPS)})
     results = {}
     for name, members in sets.items():
         if not members:
             continue
         in_gen, in_ref = np.isin(gen.labels, members), np.isin(ref.labels, members)
         member_groups = sorted({int(groups[c]) for c in members})
-        stats = gen_stats[member_groups[0]]
-        for g in member_groups[1:]:
-            stats = stats.merge(gen_stats[g])
+        if set(members) == {c for c in classes if groups[c] in member_groups}:
+            stats = gen_stats[member_groups[0]]  # a union of thirds: the streamed float64 sums
+            for g in member_groups[1:]:
+                stats = stats.merge(gen_stats[g])
+        else:
+            stats = FeatureStats.of(gen.features[in_gen])
         results[name] = metrics_lib.set_metrics(
             job.metrics, stats, FeatureStats.of(ref.features[in_ref]), gen.features[in_gen],
             ref.features[in_ref], None if gen.logits is None else gen.logits[in_gen])
@@ -353,6 +359,7 @@ def run_evaluation(job: EvalJob) -> dict:
     train = reference_features(job, extractor, "train")[0] if job.copying else None
     ref_seconds = time.monotonic() - start
     groups = metrics_lib.class_groups(info.counts("train"))
+    shots = metrics_lib.shot_groups(info.counts("train"))
     gen, gen_stats = sample_features(job, manifest, extractor, groups,
                                      "isc" in job.metrics or classifier)
     features_seconds = time.monotonic() - start
@@ -371,7 +378,9 @@ def run_evaluation(job: EvalJob) -> dict:
                      "diversity_max_rows": metrics_lib.DIVERSITY_MAX_ROWS},
         "groups": {name: [c for c in range(info.num_classes) if groups[c] == g]
                    for g, name in enumerate(GROUPS)},
-        **compute_all(job, gen, gen_stats, ref, groups, classes, classifier, train),
+        "shot_groups": {name: [c for c in range(info.num_classes) if shots[c] == g]
+                        for g, name in enumerate(SHOT_GROUPS)},
+        **compute_all(job, gen, gen_stats, ref, groups, classes, classifier, train, shots),
         "reference_cache": "hit" if cache_hit else "miss",
         "seconds": {"reference_features": round(ref_seconds, 2),
                     "sample_features": round(features_seconds - ref_seconds, 2),

@@ -91,6 +91,11 @@ def test_groups_per_class_and_outputs(first_evaluation, samples):
     assert [sets[g]["num_generated"] for g in ("head", "body", "tail")] == [6, 3, 3]
     assert [sets[g]["num_reference"] for g in ("head", "body", "tail")] == [8, 4, 4]
     assert all(np.isfinite(sets[g]["fid"]) for g in sets)
+    # every class has fewer than 20 training images: one non-empty shot group, all of them
+    assert result["shot_groups"] == {"many": [], "medium": [], "few": [0, 1, 2, 3]}
+    assert "many" not in sets and "medium" not in sets
+    assert sets["few"]["fid"] == pytest.approx(sets["overall"]["fid"], rel=1e-6)
+    assert sets["few"]["copy_rate"] == pytest.approx(sets["overall"]["copy_rate"])
     assert set(result["per_class_fid"]) == {"0", "1", "2", "3"}
     assert result["per_class_fid_mean"] == pytest.approx(np.mean(list(
         result["per_class_fid"].values())))

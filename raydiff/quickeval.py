@@ -3,7 +3,9 @@
 Every report of a training run with an ``EvalSpec``, rank 0 samples a small class-balanced
 set with the EMA weights (DDIM, few steps, fixed seeds), extracts features and computes the
 Frechet distance to precomputed reference statistics, overall and per class group
-(head / body / tail, docs/METHOD.md). Two feature spaces:
+(head / body / tail, docs/METHOD.md), and in the same feature space the copy rate and the
+diversity of the samples (``raydiff.metrics.copy_and_diversity``: ``copy_rate``,
+``diversity`` and their ``_head`` / ``_body`` / ``_tail`` versions). Two feature spaces:
 
 - ``inception``: InceptionV3 pool3 (torch-fidelity's ``inception-v3-compat``), i.e. FID;
   needs the weights file.
@@ -24,12 +26,15 @@ import torch.nn.functional as F
 from raydiff.config import Config, SampleConfig
 from raydiff.data import parquet
 from raydiff.diffusion import GaussianDiffusion
-from raydiff.metrics import GROUPS, FeatureStats, class_groups, fid
+from raydiff.metrics import GROUPS, FeatureStats, class_groups, copy_and_diversity, fid
 from raydiff.samplers import sample_images, to_uint8
 
 FEATURES = ("inception", "pixels")
 _PIXEL_SIDE = 8
 _EVAL_SEED = 1_000_000  # sample seeds start here: disjoint from preview-grid seeds
+# Copy rate and diversity need every training image's feature row on the evaluating worker;
+# above this many training images they are left out of the in-training evaluation.
+COPY_MAX_TRAIN = 200_000
 
 
 @dataclass(frozen=True)
@@ -71,16 +76,24 @@ def group_stats(rows: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dic
 
 @dataclass
 class ReferenceStats:
-    """Feature statistics of the balanced reference split, overall and per class group."""
+    """Feature statistics of the balanced reference split, overall and per class group, and
+    for the copy rate and diversity, the feature rows of both splits (float32)."""
 
     feature: str
     stats: dict[str, FeatureStats]
     groups: np.ndarray  # group index per class
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # split -> (rows, labels)
+
+
+def _rows(extract, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([extract(images[i:i + 256]) for i in range(0, len(images), 256)])
 
 
 def reference_stats(dataset_dir: str, feature: str, per_class: int | None = None,
-                    weights: str | None = None) -> ReferenceStats:
-    """Statistics of the reference split, using at most ``per_class`` images of each class."""
+                    weights: str | None = None, copying: bool = True) -> ReferenceStats:
+    """Statistics of the reference split, using at most ``per_class`` images of each class;
+    with ``copying`` (and a training split of at most ``COPY_MAX_TRAIN`` images), the feature
+    rows of both splits that the copy rate and diversity need."""
     info = parquet.load_info(dataset_dir)
     images, labels = parquet.read_split_arrays(dataset_dir, "reference")
     if per_class is not None:
@@ -88,9 +101,14 @@ def reference_stats(dataset_dir: str, feature: str, per_class: int | None = None
                                for c in range(info.num_classes)])
         images, labels = images[keep], labels[keep]
     extract = feature_extractor(feature, weights)
-    rows = np.concatenate([extract(images[i:i + 256]) for i in range(0, len(images), 256)])
+    rows = _rows(extract, images)
     groups = class_groups(info.counts("train"))
-    return ReferenceStats(feature, group_stats(rows, labels, groups), groups)
+    copy_rows = None
+    if copying and info.num_images("train") <= COPY_MAX_TRAIN:
+        train_images, train_labels = parquet.read_split_arrays(dataset_dir, "train")
+        copy_rows = {"reference": (rows.astype(np.float32), labels),
+                     "train": (_rows(extract, train_images).astype(np.float32), train_labels)}
+    return ReferenceStats(feature, group_stats(rows, labels, groups), groups, copy_rows)
 
 
 class QuickEval:
@@ -103,6 +121,7 @@ class QuickEval:
                              f"the evaluation extracts {spec.feature}")
         self.spec = spec
         self.reference, self.groups = reference.stats, reference.groups
+        self.rows = reference.rows
         self.extract = feature_extractor(spec.feature, spec.weights, device)
 
     def __call__(self, model: torch.nn.Module, cfg: Config) -> dict[str, float]:
@@ -113,8 +132,17 @@ class QuickEval:
                                   guidance=self.spec.guidance)
         images = to_uint8(sample_images(model, GaussianDiffusion(cfg.diffusion),
                                         labels.tolist(), seeds.tolist(), sample_cfg))
-        generated = group_stats(self.extract(images), labels, self.groups)
+        rows = self.extract(images)
+        generated = group_stats(rows, labels, self.groups)
         prefix = self.spec.prefix
         out = {prefix: fid(generated["all"], self.reference["all"])}
         out.update({f"{prefix}_{g}": fid(generated[g], self.reference[g]) for g in GROUPS})
+        if self.rows is not None:
+            (ref, ref_labels), (train, train_labels) = self.rows["reference"], self.rows["train"]
+            sets = {"": range(num_classes), **{f"_{g}": np.flatnonzero(self.groups == i)
+                                               for i, g in enumerate(GROUPS)}}
+            for suffix, classes in sets.items():
+                values = copy_and_diversity(rows.astype(np.float32), labels, train,
+                                            train_labels, ref, ref_labels, list(classes))
+                out.update({f"{name}{suffix}": v for name, v in values.items()})
         return out

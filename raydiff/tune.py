@@ -4,7 +4,8 @@ Ray Train V2 pattern: each trial is a driver function (no resources of its own) 
 ``TorchTrainer`` (DDP over ``workers_per_trial``) whose ``TuneReportCallback`` forwards every
 report to Tune. The objective is measured during training: at every report, rank 0 samples a
 small class-balanced set with the EMA weights and computes the Frechet distance to the
-reference statistics, overall and per class group (``raydiff.quickeval``). ASHA stops weak
+reference statistics, overall and per class group, with the copy rate and diversity of the
+samples (``raydiff.quickeval``); any of them can be the objective. ASHA stops weak
 trials early. Each trial's Train run is named after its trial id, so a restored search
 (``Tuner.restore``) resumes unfinished trials from their checkpoints and reruns nothing
 that finished.
@@ -39,6 +40,12 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 }
 KINDS = ("uniform", "loguniform", "choice", "grid")
 LOSS_METRICS = ("loss", "ddpm", "ucl", "al", "cbdm")
+SAMPLE_METRICS = ("copy_rate", "diversity")  # with their _head / _body / _tail versions
+
+
+def metric_mode(metric: str) -> str:
+    """Diversity is maximised; distances, losses and the copy rate are minimised."""
+    return "max" if metric.startswith("diversity") else "min"
 _DRIVER_CPU = 0.01
 
 
@@ -137,7 +144,8 @@ def resolve_objective(job: SearchJob) -> tuple[EvalSpec, str]:
                        "of 8x8 pixel statistics (fd_pixels) instead of FID", err)
     spec = EvalSpec(feature=feature, per_class=job.eval_per_class, steps=job.eval_steps,
                     guidance=job.base.sample.guidance, weights=weights)
-    reported = {spec.prefix, *(f"{spec.prefix}_{g}" for g in GROUPS), *LOSS_METRICS}
+    reported = {spec.prefix, *(f"{spec.prefix}_{g}" for g in GROUPS), *LOSS_METRICS,
+                *(f"{m}{g}" for m in SAMPLE_METRICS for g in ("", *(f"_{g}" for g in GROUPS)))}
     metric = job.metric
     if metric.startswith("fid") and spec.prefix != "fid":
         metric = metric.replace("fid", spec.prefix, 1)
@@ -170,16 +178,16 @@ def _trial_job(job: SearchJob) -> TrainJob:
                     max_failures=1)
 
 
-def max_concurrent(job: SearchJob) -> int:
+def max_concurrent(workers_per_trial: int, cpus_per_worker: float,
+                   gpus_per_worker: float) -> int:
     """Trials that fit at once; one CPU a trial is left over for its Ray Data tasks."""
     import ray
 
     total = ray.cluster_resources()
-    per_trial_cpus = job.workers_per_trial * job.cpus_per_worker + 1
+    per_trial_cpus = workers_per_trial * cpus_per_worker + 1
     fit_cpu = int(total.get("CPU", 0) // per_trial_cpus)
-    if job.gpus_per_worker > 0:
-        fit_cpu = min(fit_cpu, int(total.get("GPU", 0) // (job.workers_per_trial
-                                                           * job.gpus_per_worker)))
+    if gpus_per_worker > 0:
+        fit_cpu = min(fit_cpu, int(total.get("GPU", 0) // (workers_per_trial * gpus_per_worker)))
     return max(1, fit_cpu)
 
 
@@ -206,9 +214,12 @@ def build_tuner(job: SearchJob, restore: bool):
                  if job.scheduler == "asha" else FIFOScheduler())
     tuner = tune.Tuner(
         trainable, param_space=to_tune_space(job.space),
-        tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=metric, mode=metric_mode(metric),
+                                    scheduler=scheduler,
                                     num_samples=job.trials,
-                                    max_concurrent_trials=max_concurrent(job)),
+                                    max_concurrent_trials=max_concurrent(
+                                        job.workers_per_trial, job.cpus_per_worker,
+                                        job.gpus_per_worker)),
         run_config=tune.RunConfig(name=job.name, storage_path=job.storage,
                                   failure_config=tune.FailureConfig(max_failures=1)))
     return tuner, metric
@@ -254,8 +265,10 @@ def write_results(grid, job: SearchJob, metric: str) -> dict[str, Any]:
                      **params, metric: _number(metrics.get(metric)),
                      "step": metrics.get("step"), "reports": metrics.get("training_iteration"),
                      **{k: _number(metrics.get(k)) for k in sorted(metrics)
-                        if k not in (metric,) and (k.startswith(("fid", "fd_")) or k in LOSS_METRICS)}})
-    rows.sort(key=lambda r: (math.isnan(r[metric]), r[metric]))
+                        if k not in (metric,) and (k.startswith(("fid", "fd_", *SAMPLE_METRICS))
+                                                   or k in LOSS_METRICS)}})
+    sign = -1 if metric_mode(metric) == "max" else 1
+    rows.sort(key=lambda r: (math.isnan(r[metric]), sign * r[metric]))
     out = Path(job.storage) / job.name
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with (out / "results.csv").open("w", newline="") as f:
@@ -297,7 +310,8 @@ def add_arguments(parser) -> None:
     add("--space", help="search space file (YAML or JSON); default: alpha, gamma, t_align, tau")
     add("--trials", type=int, default=8, help="trials to sample (grid values multiply this)")
     add("--metric", default="fid_tail",
-        help="objective to minimise (fid_tail, fid, fid_head, fid_body, loss, ...)")
+        help="objective (fid_tail, fid, fid_head, fid_body, copy_rate_tail, diversity_tail, "
+             "loss, ...); diversity is maximised, every other metric minimised")
     add("--scheduler", default="asha", choices=("asha", "fifo"))
     add("--max-steps", type=int, default=2000, help="training steps per trial")
     add("--eval-every", type=int, help="steps between evaluations (default: max-steps / 4)")
@@ -329,7 +343,8 @@ def run(args, base: Config) -> int:
         print(json.dumps({"base": base.to_dict(), "space": job.space}, indent=2))
         return 0
     summary = run_search(job)
-    print(f"objective: {summary['metric']} (lower is better); trials best first:")
+    better = "higher" if metric_mode(summary["metric"]) == "max" else "lower"
+    print(f"objective: {summary['metric']} ({better} is better); trials best first:")
     print(format_table(summary))
     print(f"results: {summary['dir']}/results.csv")
     print(f"best config: {summary['dir']}/best_config.json "

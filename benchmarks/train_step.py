@@ -2,9 +2,11 @@
 
 Same preset, same batch, same device, in one process; the configurations are timed in
 round-robin order so that drift of the machine affects them alike. Prints the median step
-time of each and its ratio to DDPM.
+time of each and its ratio to DDPM. The unpadded case runs CCUA with its unconditional rows
+not padded to a multiple of ``losses.UNCOND_ROW_MULTIPLE`` (a new batch shape every step).
 
     python benchmarks/train_step.py                      # cifar32, CPU: batch 8
+    python benchmarks/train_step.py --preset tiny-vpred --batch-size 64   # the demo's step
     python benchmarks/train_step.py --device cuda --batch-size 128 --bf16
 """
 
@@ -17,6 +19,7 @@ import time
 import torch
 
 from raydiff import config as config_lib
+from raydiff import losses
 from raydiff.engine import Engine
 
 CASES = {
@@ -26,6 +29,8 @@ CASES = {
     "ccua t_align=T/2": ["loss.method=ccua", "loss.ucl_weight=1", "loss.al_weight=1",
                          "loss.t_align=500"],
 }
+UNPADDED = "ccua unpadded"  # t_align=0, one unconditional row count per step
+CASES[UNPADDED] = CASES["ccua t_align=0"]
 
 
 def _sync(device: torch.device) -> None:
@@ -56,8 +61,10 @@ def main() -> None:
                       generator=g).to(device)
 
     times: dict[str, list[float]] = {name: [] for name in CASES}
+    padded = losses.UNCOND_ROW_MULTIPLE
     for i in range(args.warmup + args.steps):
         for name, engine in engines.items():
+            losses.UNCOND_ROW_MULTIPLE = 1 if name == UNPADDED else padded
             _sync(device)
             start = time.perf_counter()
             engine.train_step(x0, y)

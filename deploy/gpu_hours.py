@@ -16,6 +16,7 @@ scaled; the class count changes only the label embedding, so one count serves ea
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,12 +24,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from raydiff import config as config_lib
 from raydiff.diffusion import GaussianDiffusion
 from raydiff.engine import Engine
+from raydiff.losses import UNCOND_ROW_MULTIPLE
 
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense (no sparsity), SXM, NVIDIA datasheets
 # (dataset, preset): steps and global batch are the preset's, i.e. the released recipes.
 RUNS = [("CIFAR-10-LT / CIFAR-100-LT", "cifar32"),
         ("TinyImageNet-LT / ImageNet-LT 64 px", "imagenet64")]
 EVAL_SAMPLES = 50_000  # images generated for FID etc.
+STUDY_METHODS, STUDY_SEEDS = ("ddpm", "cbdm", "ccua"), 3  # the default `raydiff study`
 INCEPTION_SIDE = 299  # FID's feature extractor resizes every image to this
 
 
@@ -47,16 +50,20 @@ def train_flops_per_row(preset: str, method: str, rows: int) -> float:
     return counter.get_total_flops() / sum(seen)
 
 
-def rows_per_image(cfg: config_lib.Config) -> float:
+def rows_per_image(cfg: config_lib.Config, worker_batch: int) -> float:
     """Expected network rows per training image: CCUA adds an unconditional row for every
-    image with w(t) > 0, i.e. t >= max(1, t_align), whose label was not dropped already."""
+    image with w(t) > 0, i.e. t >= max(1, t_align), whose label was not dropped already, and
+    pads their count on each worker up to a multiple of ``UNCOND_ROW_MULTIPLE`` (at most the
+    worker's batch)."""
     if cfg.loss.method == "ddpm":
         return 1.0
     if cfg.loss.method == "cbdm":
         return 2.0
-    T = cfg.diffusion.num_timesteps
-    active = (T - max(1, cfg.loss.t_align)) / T
-    return 1.0 + active * (1.0 - cfg.loss.label_dropout)
+    T, b, m = cfg.diffusion.num_timesteps, worker_batch, UNCOND_ROW_MULTIPLE
+    q = (T - max(1, cfg.loss.t_align)) / T * (1.0 - cfg.loss.label_dropout)
+    expected = sum(math.comb(b, n) * q ** n * (1 - q) ** (b - n) * min(b, -(-n // m) * m)
+                   for n in range(b + 1))  # padded rows, n ~ Binomial(b, q)
+    return 1.0 + expected / b
 
 
 def sample_flops_per_image(preset: str) -> float:
@@ -93,6 +100,8 @@ def main() -> None:
     parser.add_argument("--mfu", type=float, nargs="+", default=[0.3, 0.1],
                         help="assumed fractions of the bf16 peak sustained (default 0.3 0.1)")
     parser.add_argument("--rows", type=int, default=16, help="batch counted on the CPU")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="data-parallel workers (CCUA pads its rows per worker; default 8)")
     args = parser.parse_args()
     torch.manual_seed(0)
     columns = [f"{gpu} GPU-h at {mfu:.0%}" for gpu in PEAK_BF16_TFLOPS for mfu in args.mfu]
@@ -101,16 +110,23 @@ def main() -> None:
     for label, preset in RUNS:
         optim = config_lib.preset(preset).optim
         steps, batch = optim.total_steps, optim.batch_size
-        for method in ("ddpm", "ccua"):
+        study = 0.0
+        for method in STUDY_METHODS:
             cfg = config_lib.resolve(preset, overrides=[f"loss.method={method}"])
-            step = train_flops_per_row(preset, method, args.rows) * batch * rows_per_image(cfg)
+            rows = rows_per_image(cfg, batch // args.workers)
+            step = train_flops_per_row(preset, method, args.rows) * batch * rows
+            study += step * steps * STUDY_SEEDS
             print(f"| {label} | {method} | {steps // 1000}k x {batch} | {step / 1e12:.2f} | "
                   + " | ".join(gpu_hours(step * steps, args.mfu)) + " |")
         cfg = config_lib.resolve(preset)
         sample = sample_flops_per_image(preset) * EVAL_SAMPLES
+        study += sample * len(STUDY_METHODS) * STUDY_SEEDS
         print(f"| {label} | sampling {EVAL_SAMPLES // 1000}k images, {cfg.sample.sampler}-"
               f"{cfg.sample.steps} with guidance | | | "
               + " | ".join(gpu_hours(sample, args.mfu)) + " |")
+        print(f"| {label} | `raydiff study`: {', '.join(STUDY_METHODS)} x {STUDY_SEEDS} seeds, "
+              f"each sampling {EVAL_SAMPLES // 1000}k images | | | "
+              + " | ".join(gpu_hours(study, args.mfu)) + " |")
     features = inception_flops_per_image() * 2 * EVAL_SAMPLES
     print(f"| any | Inception features of {EVAL_SAMPLES // 1000}k samples + "
           f"{EVAL_SAMPLES // 1000}k reference images | | | "

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=20,
                         help="generated images per class (default: 20)")
     parser.add_argument("--actors", type=int, default=2, help="sampling / Inception actors")
+    parser.add_argument("--no-copy-metrics", action="store_true",
+                        help="skip the copy rate and diversity (they need the features of the "
+                             "2040 training images too)")
 
 
 @dataclass
@@ -179,7 +182,7 @@ def _evaluate(args: argparse.Namespace, samples: str, data: str, report: DemoRep
     result = run_evaluation(EvalJob(
         samples=samples, reference=data, groups=True, per_class=True, features=features,
         inception_weights=weights, actors=args.actors,
-        reference_per_class=args.reference_per_class or 50,
+        reference_per_class=args.reference_per_class or 50, copying=not args.no_copy_metrics,
         out=str(report.run_dir / "eval")))
     _timed(report, "evaluate", start)
     table = metrics_table(result)

@@ -17,7 +17,8 @@ counts per class are exact and any prefix of shards is balanced) and seed
 Why a fixed forward batch: one seed per image is not enough for identical bytes, because the
 network is not batch-invariant: oneDNN on CPU (cuDNN on GPU) picks kernels by batch shape, so
 the same image computed in a batch of 1 or of 32 differs by up to ~2e-5 (measured on the
-2-core development machine with the demo's checkpoint), which flips uint8 pixel values. ``sample_aligned`` therefore always runs the network on blocks of exactly
+2-core development machine with the demo's checkpoint), which flips uint8 pixel values.
+``sample_aligned`` therefore always runs the network on blocks of exactly
 ``forward_batch`` images, block b holding indices [b M, (b+1) M) each at its fixed position;
 rows a block lacks (the set ends there, or Ray's batch boundary cut it) are padding, computed
 and thrown away. Whatever the number of actors or the Ray Data batch size, every image is

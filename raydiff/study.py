@@ -125,7 +125,8 @@ class StudyJob:
 
     def spec(self) -> dict[str, Any]:
         """What the study measures; a rerun under the same name must ask for the same."""
-        return {"data": str(Path(self.data).resolve()), "base": self.base.to_dict(),
+        data = self.data if "://" in self.data else str(Path(self.data).resolve())
+        return {"data": data, "base": self.base.to_dict(),
                 "variants": {v.label: v.overrides for v in self.variants},
                 "seeds": list(self.seeds), "per_class": self.per_class}
 
@@ -134,7 +135,8 @@ class StudyJob:
 
 def check_study(job: StudyJob) -> None:
     if "://" in job.storage:
-        raise RaydiffError("raydiff study writes its tables locally: --storage must be a path")
+        raise RaydiffError("--storage must be a path (on a cluster, one every node mounts, "
+                           "e.g. NFS or EFS): raydiff study keeps its runs and tables there")
     if not job.variants:
         raise RaydiffError("--methods needs at least one variant")
     labels = [v.label for v in job.variants]
@@ -389,7 +391,7 @@ def markdown(study: dict) -> str:
         f"- data: `{spec['data']}`",
         f"- budget, every run: preset `{base['preset']}`, {base['optim']['total_steps']} steps "
         f"of batch {base['optim']['batch_size']}, {base['diffusion']['prediction']}-prediction",
-        f"- variants: " + "; ".join(
+        "- variants: " + "; ".join(
             f"`{label}` ({', '.join(f'{k}={v}' for k, v in spec['variants'][label].items())})"
             for label in labels),
         f"- seeds: {', '.join(map(str, spec['seeds']))}; sampling: {spec['per_class']} images "

@@ -21,7 +21,8 @@ from raydiff import config as config_lib
 from raydiff.engine import load_for_sampling
 from raydiff.errors import RaydiffError
 from raydiff.samplers import sample_images
-from raydiff.train import TrainJob, find_latest_checkpoint, prepare_job, run_training
+from raydiff.train import (TrainJob, find_latest_checkpoint, latest_step, prepare_job,
+                           run_training)
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +64,10 @@ def test_two_workers_train_in_sync_and_a_killed_worker_resumes(ray_local, shapes
         result=run_training(job(shapes16, tmp_path, "fault", total=40))))
     thread.start()
     deadline = time.monotonic() + 300
-    while not any(m.get("step", 0) >= 25 for m in read_metrics(tmp_path, "fault")):
+    # Past step 25, and the step-20 checkpoint registered with Ray (its snapshot is written
+    # after rank 0 logs the step): the kill must find a checkpoint to resume from.
+    while not (any(m.get("step", 0) >= 25 for m in read_metrics(tmp_path, "fault"))
+               and latest_step(str(tmp_path), "fault") >= 20):
         assert time.monotonic() < deadline and thread.is_alive(), "run never reached step 25"
         time.sleep(0.2)
     pids = _train_worker_pids()

@@ -141,8 +141,9 @@ class QuickEval:
             (ref, ref_labels), (train, train_labels) = self.rows["reference"], self.rows["train"]
             sets = {"": range(num_classes), **{f"_{g}": np.flatnonzero(self.groups == i)
                                                for i, g in enumerate(GROUPS)}}
+            gen = rows.astype(np.float32)
             for suffix, classes in sets.items():
-                values = copy_and_diversity(rows.astype(np.float32), labels, train,
+                values = copy_and_diversity(gen, labels, train,
                                             train_labels, ref, ref_labels, list(classes))
                 out.update({f"{name}{suffix}": v for name, v in values.items()})
         return out

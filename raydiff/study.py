@@ -149,10 +149,9 @@ def check_study(job: StudyJob) -> None:
     parquet.load_info(job.data)
     spec_path = job.dir / SPEC_FILE
     if spec_path.is_file():
-        found = json.loads(spec_path.read_text())
-        if found != json.loads(json.dumps(job.spec())):
-            changed = sorted(k for k in job.spec() if found.get(k) != json.loads(
-                json.dumps(job.spec()[k])))
+        found, wanted = json.loads(spec_path.read_text()), json.loads(json.dumps(job.spec()))
+        if found != wanted:
+            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
             raise RaydiffError(f"study {job.dir} was started with other settings "
                                f"({', '.join(changed)} differ); rerun it unchanged to resume, "
                                f"or choose another --name")
@@ -173,13 +172,13 @@ def trial_driver(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """One (variant, seed): a TorchTrainer over its config, its Train run named after both."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raydiff.train import build_trainer, fit
+    from raydiff.train import build_trainer, fit, fit_config_to_data
 
     study: StudyJob = setup["study"]
     variant = next(v for v in study.variants if v.label == params["variant"])
     seed = int(params["seed"])
-    job = dataclasses.replace(setup["job"], cfg=setup["fit"](study.config(variant, seed)),
-                              name=study.run_name(variant.label, seed))
+    cfg = fit_config_to_data(study.config(variant, seed), setup["info"])
+    job = dataclasses.replace(setup["job"], cfg=cfg, name=study.run_name(variant.label, seed))
     fit(build_trainer(job, setup["info"], callbacks=[TuneReportCallback()]))
 
 
@@ -201,26 +200,22 @@ def train_all(job: StudyJob) -> None:
     """Fit (or resume) the Tune grid; every run ends with a checkpoint at the last step."""
     from ray import tune
 
-    from raydiff.train import check_resources, fit_config_to_data, prepare_job
+    from raydiff.train import check_resume, fit_config_to_data, prepare_job
     from raydiff.tune import max_concurrent
 
     train_job = _train_job(job)
-    check_resources(train_job)
-    _, info, _ = prepare_job(train_job)
+    _, info, _ = prepare_job(train_job)  # batch, data and cluster resources
     for variant in job.variants:  # a run of another network under this name fails here
         for seed in job.seeds:
-            prepare_job(dataclasses.replace(
+            check_resume(dataclasses.replace(
                 train_job, cfg=fit_config_to_data(job.config(variant, seed), info),
                 name=job.run_name(variant.label, seed)))
-    pending = [(v.label, s) for v in job.variants for s in job.seeds
-               if not _run_done(job, v.label, s)]
-    if not pending:
+    if all(_run_done(job, v.label, s) for v in job.variants for s in job.seeds):
         logger.info("every run of study %s is trained", job.name)
         return
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, setup={
-            "study": job, "job": train_job, "info": info,
-            "fit": lambda cfg: fit_config_to_data(cfg, info)}),
+            "study": job, "job": train_job, "info": info}),
         {"CPU": _DRIVER_CPU})
     path = str(job.dir.resolve())
     if tune.Tuner.can_restore(path):
@@ -254,7 +249,7 @@ def resolve_features(job: StudyJob) -> tuple[str, str | None]:
 
     ``auto``: Inception when its weights can be had, otherwise a classifier of the reference
     split, trained once per study (``raydiff.demo.feature_classifier``)."""
-    from raydiff.features import WeightsUnavailable, resolve_weights
+    from raydiff.features import CLASSIFIER_PREFIX, WeightsUnavailable, resolve_weights
 
     if job.features not in ("auto", "inception"):
         return job.features, None
@@ -269,8 +264,6 @@ def resolve_features(job: StudyJob) -> tuple[str, str | None]:
         logger.warning("Inception weights unavailable (%s): every run is measured in the "
                        "feature space of a classifier of the reference split (top-1 %.3f on "
                        "held-out reference images)", err, top1)
-        from raydiff.features import CLASSIFIER_PREFIX
-
         return CLASSIFIER_PREFIX + checkpoint, None
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from raydiff import config as config_lib
+from raydiff.argcheck import OneLineParser, check_numbers
 from raydiff.errors import RaydiffError
 
 
@@ -68,8 +69,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser,
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from raydiff.train import TrainJob, fit_config_to_data, run_training
     from raydiff.data.parquet import load_info
+    from raydiff.train import TrainJob, fit_config_to_data, run_training
 
     cfg = config_from_args(args)
     if args.workers < 1:
@@ -100,7 +101,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--name", help="run name; the same name and storage resume (default: "
                                   "<preset>-<method>)")
     p.add_argument("--max-failures", type=int, default=2,
-                   help="worker failures to recover from the latest checkpoint")
+                   help="worker failures to recover from the latest checkpoint (0 = none)")
     add_config_arguments(p)
     add_cluster_arguments(p)
     p.set_defaults(func=_run_train)
@@ -269,8 +270,7 @@ def _classifier_config(args: argparse.Namespace):
 
 
 def _run_classify(args: argparse.Namespace) -> int:
-    from raydiff.classify import (CHART_FILE, COMPARISON_FILE, RESULTS_FILE, ClassifyJob,
-                                  compare, run_classify)
+    from raydiff.classify import CHART_FILE, COMPARISON_FILE, RESULTS_FILE, ClassifyJob, compare, run_classify
     from raydiff.report import comparison_table
 
     if args.compare:
@@ -322,7 +322,7 @@ def _add_classify(subparsers) -> None:
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                    help="print (and with --out write) a table of finished runs, then exit")
     p.add_argument("--max-failures", type=int, default=2,
-                   help="worker failures to recover from the latest checkpoint")
+                   help="worker failures to recover from the latest checkpoint (0 = none)")
     group = p.add_argument_group("classifier (defaults: the CIFAR-LT recipe)")
     group.add_argument("--arch", choices=sorted(ARCHS), default=defaults.arch)
     group.add_argument("--width", type=int, default=defaults.width,
@@ -332,13 +332,13 @@ def _add_classify(subparsers) -> None:
                        help="global batch, split over the workers")
     group.add_argument("--lr", type=float, default=defaults.lr,
                        help="peak learning rate (default: 0.1 x batch size / 128)")
-    group.add_argument("--momentum", type=float, default=defaults.momentum)
+    group.add_argument("--momentum", type=float, default=defaults.momentum, help=">= 0")
     group.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help=">= 0")
     group.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs,
                        help="linear warm-up, then cosine decay to 0")
     group.add_argument("--crop-padding", type=int, default=defaults.crop_padding,
-                       help="random-crop padding in px (default: resolution / 8)")
+                       help="random-crop padding in px (default: resolution / 8; 0 = no crop)")
     group.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     group.add_argument("--seed", type=int, default=defaults.seed)
     group.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every,
@@ -389,7 +389,7 @@ def _add_study(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
+    parser = OneLineParser(prog="raydiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_config(subparsers)
@@ -401,12 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_tune(subparsers)
     _add_study(subparsers)
-    return parser
+    return check_numbers(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except RaydiffError as err:  # argparse's refusal (UsageError): one line, as below
+        print(f"raydiff: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

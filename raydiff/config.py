@@ -264,6 +264,8 @@ def validate(cfg: Config) -> None:
         (lo.ucl_weight >= 0, "loss.ucl_weight", lo.ucl_weight, ">= 0"),
         (lo.al_weight >= 0, "loss.al_weight", lo.al_weight, ">= 0"),
         (lo.temperature > 0, "loss.temperature", lo.temperature, "> 0"),
+        (lo.weight_power > 0, "loss.weight_power", lo.weight_power, "> 0"),
+        (lo.cbdm_tau >= 0, "loss.cbdm_tau", lo.cbdm_tau, ">= 0"),
         (lo.ucl_group_size >= 2, "loss.ucl_group_size", lo.ucl_group_size,
          ">= 2 (a row's UCL negatives are the other rows of its group)"),
         (0 <= lo.t_align < d.num_timesteps, "loss.t_align", lo.t_align,
@@ -272,9 +274,17 @@ def validate(cfg: Config) -> None:
         (o.batch_size >= 2, "optim.batch_size", o.batch_size, ">= 2 (UCL needs negatives)"),
         (o.total_steps >= 1, "optim.total_steps", o.total_steps, ">= 1"),
         (0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "in [0, 1)"),
+        (o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0"),
+        (o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 = no clipping)"),
         (o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0"),
         (1 <= s.steps <= d.num_timesteps, "sample.steps", s.steps,
          "in [1, diffusion.num_timesteps]"),
+        (s.guidance >= 0, "sample.guidance", s.guidance, ">= 0 (0 = no guidance)"),
+        (0.0 <= s.eta <= 1.0, "sample.eta", s.eta, "in [0, 1] (0 = deterministic DDIM)"),
+        (m.in_channels >= 1, "model.in_channels", m.in_channels, ">= 1"),
+        (m.num_res_blocks >= 1, "model.num_res_blocks", m.num_res_blocks, ">= 1"),
+        (all(c >= 1 for c in m.ch_mult), "model.ch_mult", m.ch_mult, "multipliers >= 1"),
+        (t.seed >= 0, "train.seed", t.seed, ">= 0"),
         (0.0 <= t.resample_factor <= 1.0, "train.resample_factor", t.resample_factor,
          "in [0, 1] (0 = off)"),
         (t.log_every >= 1, "train.log_every", t.log_every, ">= 1"),
@@ -282,6 +292,12 @@ def validate(cfg: Config) -> None:
         (t.num_to_keep >= 1, "train.num_to_keep", t.num_to_keep, ">= 1"),
         (t.preview_per_class >= 0, "train.preview_per_class", t.preview_per_class, ">= 0"),
     ]
+    for section in (m, d, lo, o, s, t):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RaydiffError(f"config {type(section).__name__}.{f.name}={value!r} is "
+                                   "invalid: expected a finite number")
     for ok, key, value, expected in checks:
         if not ok:
             raise RaydiffError(f"config {key}={value!r} is invalid: expected {expected}")
@@ -294,8 +310,13 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (a JSON value or an override string) to type ``tp`` or fail."""
+def _coerce(value: Any, tp: Any, key: str, strict: bool = False) -> Any:
+    """Convert ``value`` to type ``tp`` or fail. An override string (``strict=False``) is
+    parsed; a JSON value (``strict=True``) must already be of the JSON type of the field: a
+    number for a number, ``true``/``false`` for a switch, a list for a tuple."""
+    if strict and isinstance(value, str) and tp is not str:
+        raise RaydiffError(f"config {key}={value!r} is invalid: expected "
+                           f"{_JSON_TYPE_NAMES.get(tp, 'a list')}, not a string")
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
@@ -304,7 +325,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [v for v in (p.strip() for p in text.split(",")) if v]
         if not isinstance(value, (list, tuple)):
             raise RaydiffError(f"config {key}={value!r} is invalid: expected a list")
-        return tuple(_coerce(v, item_tp, key) for v in value)
+        return tuple(_coerce(v, item_tp, key, strict) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -328,9 +349,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise RaydiffError(f"config {key}={value!r} is invalid: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise RaydiffError(f"config {key}={value!r} is invalid: expected a number") from None
+        if not math.isfinite(number):
+            raise RaydiffError(f"config {key}={value!r} is invalid: expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise RaydiffError(f"config {key}={value!r} is invalid: expected a string")
@@ -338,12 +362,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config field type {tp} for {key}")  # a bug, not bad input
 
 
+_JSON_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
 def _section_types() -> dict[str, type]:
     return {name: tp for name, tp in _field_types(Config).items() if dataclasses.is_dataclass(tp)}
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Return ``cfg`` with ``{"section.key": value}`` applied; unknown keys are errors."""
+def apply_overrides(cfg: Config, overrides: dict[str, Any], strict: bool = False) -> Config:
+    """Return ``cfg`` with ``{"section.key": value}`` applied; unknown keys are errors.
+    ``strict``: the values come from JSON and must have their field's JSON type."""
     sections = _section_types()
     changes: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
@@ -356,7 +384,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         if name not in types_:
             raise RaydiffError(
                 f"unknown config key {key!r}: {section} has {', '.join(types_)}")
-        changes.setdefault(section, {})[name] = _coerce(value, types_[name], key)
+        changes.setdefault(section, {})[name] = _coerce(value, types_[name], key, strict)
     replaced = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in changes.items()}
     return dataclasses.replace(cfg, **replaced)
 
@@ -383,18 +411,33 @@ def from_dict(data: dict[str, Any]) -> Config:
         if not isinstance(values, dict):
             raise RaydiffError(f"unknown config key {section!r}")
         flat.update({f"{section}.{k}": v for k, v in values.items()})
-    return apply_overrides(base, flat)
+    return apply_overrides(base, flat, strict=True)
 
 
 def load_json(path: str | Path) -> Config:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise RaydiffError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise RaydiffError(f"config file {path} is a folder, not a JSON file") from None
+    except UnicodeDecodeError:
+        raise RaydiffError(f"config file {path} is not text (not UTF-8): not a JSON file") from None
+    except OSError as err:
+        raise RaydiffError(f"config file {path} cannot be read: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise RaydiffError(f"config file {path} line {err.lineno}: {err.msg}") from None
-    return from_dict(data)
+    except ValueError as err:  # NaN / Infinity (_refuse_constant)
+        raise RaydiffError(f"config file {path}: {err}") from None
+    try:
+        return from_dict(data)
+    except RaydiffError as err:
+        raise RaydiffError(f"config file {path}: {err}") from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a finite number")
 
 
 def resolve(preset_name: str = "cifar32", config_file: str | None = None,

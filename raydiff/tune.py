@@ -133,17 +133,18 @@ def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def resolve_objective(job: SearchJob) -> tuple[EvalSpec, str]:
     """The feature space and the metric to optimise; offline, a metric needing no download."""
-    from raydiff.features import WeightsUnavailable, resolve_weights
+    from raydiff.features import WeightsUnavailable, check_weights_file, resolve_weights
 
-    feature, weights = "inception", None
+    feature, weights, sha256 = "inception", None, None
     try:
         weights = str(resolve_weights(job.inception_weights))
+        sha256 = check_weights_file(weights)  # before any worker loads it, with this hash
     except WeightsUnavailable as err:
         feature = "pixels"
         logger.warning("Inception weights unavailable (%s): the search uses Frechet distances "
                        "of 8x8 pixel statistics (fd_pixels) instead of FID", err)
     spec = EvalSpec(feature=feature, per_class=job.eval_per_class, steps=job.eval_steps,
-                    guidance=job.base.sample.guidance, weights=weights)
+                    guidance=job.base.sample.guidance, weights=weights, weights_sha256=sha256)
     reported = {spec.prefix, *(f"{spec.prefix}_{g}" for g in GROUPS), *LOSS_METRICS,
                 *(f"{m}{g}" for m in SAMPLE_METRICS for g in ("", *(f"_{g}" for g in GROUPS)))}
     metric = job.metric
@@ -198,7 +199,8 @@ def build_tuner(job: SearchJob, restore: bool):
 
     train_job, info, _ = prepare_job(_trial_job(job))
     spec, metric = resolve_objective(job)
-    reference = reference_stats(job.data, spec.feature, job.reference_per_class, spec.weights)
+    reference = reference_stats(job.data, spec.feature, job.reference_per_class, spec.weights,
+                                weights_sha256=spec.weights_sha256)
     train_job = dataclasses.replace(train_job, eval=spec, eval_reference=ray.put(reference))
     # The driver only waits on its TorchTrainer; Tune refuses an empty request, so it asks
     # for a token share of a CPU and the workers hold the real resources.
@@ -229,15 +231,21 @@ def check_search(job: SearchJob) -> None:
     validate_space(job.space, job.base, "search space")
     if job.scheduler not in ("asha", "fifo"):
         raise RaydiffError(f"--scheduler must be asha or fifo, got {job.scheduler!r}")
+    if job.eval_per_class < 2:
+        raise RaydiffError(f"--eval-per-class must be at least 2 (a class's diversity and a "
+                           f"group's covariance need two images), got {job.eval_per_class}")
     if job.trials < 1 or job.max_steps < 1 or not 1 <= job.eval_every <= job.max_steps:
         raise RaydiffError(f"need trials >= 1 and 1 <= eval_every ({job.eval_every}) <= "
                            f"max_steps ({job.max_steps})")
-    parquet.load_info(job.data)
+    for split in parquet.SPLITS:
+        parquet.check_split(job.data, split)
 
 
 def run_search(job: SearchJob) -> dict[str, Any]:
     """Run (or resume) the search; write results.csv and best_config.json; return a summary."""
     check_search(job)
+    prepare_job(_trial_job(job), cluster=False)  # data, batch and config, before Ray starts
+    resolve_objective(job)  # the metric and the Inception weights, before Ray starts
     init_ray(job.workers_per_trial * job.cpus_per_worker + 1)
     check_resources(_trial_job(job))
     tuner, metric = build_tuner(job, restore=True)

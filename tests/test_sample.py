@@ -179,7 +179,7 @@ def test_bad_input_is_one_clear_line(capsys, tiny_checkpoint, one_actor_run, tmp
     line = _error_line(capsys, ["sample", "--checkpoint", str(tmp_path), "--out",
                                 str(tmp_path / "x"), "--per-class", "3"])
     assert "is not a raydiff checkpoint: missing config.json" in line
-    assert "--per-class must be at least 1, got 0" in _error_line(
+    assert "--per-class: 0 is out of range: expected >= 1" in _error_line(
         capsys, base[:-1] + ["0"])
     assert "--classes 4 is out of range" in _error_line(capsys, base + ["--classes", "0,4"])
     assert "must be a multiple of --forward-batch 32" in _error_line(

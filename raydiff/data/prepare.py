@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import raydiff
-from raydiff.data import cifar, imagefiles, shapes
+from raydiff.data import cifar, imagefiles, parquet, shapes
 from raydiff.data.longtail import BuiltSource
 from raydiff.data.parquet import (
     DEFAULT_ROWS_PER_SHARD,
@@ -138,6 +139,17 @@ def _check_options(options: PrepareOptions) -> None:
         raise RaydiffError(f"--seed must be non-negative, got {options.seed}")
     if options.rows_per_shard < 1:
         raise RaydiffError(f"--rows-per-shard must be positive, got {options.rows_per_shard}")
+    for name in ("num_classes", "images_per_class"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise RaydiffError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    ratio = options.imbalance_ratio
+    if ratio is not None and not (math.isfinite(ratio) and ratio >= 1):
+        raise RaydiffError(f"--imbalance-ratio must be a finite number >= 1, got {ratio}")
+
+
+def _default(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def build_source(options: PrepareOptions, resolution: int) -> BuiltSource:
@@ -148,8 +160,8 @@ def build_source(options: PrepareOptions, resolution: int) -> BuiltSource:
         ratio = _DEFAULT_IMBALANCE.get(source)
     if source == "shapes":
         return shapes.build_shapes(
-            num_classes=options.num_classes or shapes.DEFAULT_NUM_CLASSES,
-            images_per_class=options.images_per_class or shapes.DEFAULT_IMAGES_PER_CLASS,
+            num_classes=_default(options.num_classes, shapes.DEFAULT_NUM_CLASSES),
+            images_per_class=_default(options.images_per_class, shapes.DEFAULT_IMAGES_PER_CLASS),
             imbalance_ratio=ratio,
             resolution=resolution,
             seed=seed,
@@ -257,6 +269,36 @@ def _write_dataset(
     info = _dataset_info(built, options, resolution, files)
     (staging / INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
     return info
+
+
+def _content(options: PrepareOptions) -> dict:
+    """The options that decide a dataset's content, with the defaults filled in."""
+    source = options.source
+    defaults = {"imbalance_ratio": _DEFAULT_IMBALANCE.get(source)}
+    if source == "shapes":
+        defaults |= {"num_classes": shapes.DEFAULT_NUM_CLASSES,
+                     "images_per_class": shapes.DEFAULT_IMAGES_PER_CLASS}
+    values = {name: getattr(options, name) for name in
+              ("source", "imbalance_ratio", "seed", "num_classes", "images_per_class", "reference")}
+    values = {k: defaults.get(k) if v is None else v for k, v in values.items()}
+    values["resolution"] = options.resolution or _DEFAULT_RESOLUTION.get(source, _FILE_RESOLUTION)
+    return values
+
+
+def reuse_problem(out: str, options: PrepareOptions) -> str | None:
+    """Why the dataset at ``out`` (a folder or a URI) is not the complete dataset ``options``
+    ask for, or None when it is: same content options, every listed shard present."""
+    info = parquet.load_info(out)
+    recorded = dict(info.build.get("options", {}), resolution=info.resolution)
+    recorded["source"] = recorded.get("source", info.source)
+    had = _content(PrepareOptions(**{k: v for k, v in recorded.items()
+                                     if k in PrepareOptions.__dataclass_fields__ and k != "out"},
+                                  out=Path(out)))
+    for name, asked in _content(options).items():
+        if had[name] != asked:
+            return f"it holds --{name.replace('_', '-')} {had[name]}, not {asked}"
+    missing = parquet.missing_files(out)
+    return f"its shard {missing[0]} is missing" if missing else None
 
 
 def prepare_dataset(options: PrepareOptions) -> DatasetInfo:

@@ -1,0 +1,75 @@
+"""Numbers on the command line: finite, in range, and refused with one line.
+
+Every ``type=int`` / ``type=float`` flag of every verb is checked when it is parsed: counts
+(workers, steps, images per class, ...) must be at least 1, fractional amounts (CPUs, learning
+rates, ...) above 0, and NaN or infinity is never a number. The few flags where 0 means
+something say so in their ``--help`` and are listed in ``ZERO_ALLOWED``.
+
+``OneLineParser`` turns an argparse error into a ``UsageError``, which ``raydiff.cli.main``
+prints as every other bad input: the single line ``raydiff: error: argument --flag: ...``
+with exit code 2, instead of a usage block followed by the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from raydiff.errors import RaydiffError
+
+# dest -> the smallest value allowed where it is not the default (ints >= 1, floats > 0)
+ZERO_ALLOWED = {
+    "seed": 0,  # a seed is any non-negative integer
+    "gpus_per_worker": 0,  # 0 = CPU training with gloo
+    "gpus_per_actor": 0,  # 0 = CPU actors
+    "max_failures": 0,  # 0 = no retry
+    "weight_decay": 0,
+    "momentum": 0,
+    "warmup_epochs": 0,
+    "crop_padding": 0,  # 0 = no random crop
+    "guidance": 0,  # 0 = plain conditional sampling
+}
+MINIMUM = {"imbalance_ratio": 1}  # n_max / n_min
+
+
+class UsageError(RaydiffError):
+    """Arguments argparse refused."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _checked(convert, dest: str):
+    is_int = convert is int
+    minimum = MINIMUM.get(dest, ZERO_ALLOWED.get(dest, 1 if is_int else 0))
+    # floats with the default minimum 0 must be above it; every other minimum is inclusive
+    exclusive = not is_int and dest not in ZERO_ALLOWED and dest not in MINIMUM
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "an integer" if is_int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not is_int and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if value < minimum or (exclusive and value == minimum):
+            bound = f"> {minimum}" if exclusive else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {bound}")
+        return value
+
+    parse.__name__ = "integer" if is_int else "number"
+    return parse
+
+
+def check_numbers(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give every int/float flag of ``parser`` and its sub-commands the checks above."""
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if action.type in (int, float):
+            action.type = _checked(action.type, action.dest)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                check_numbers(sub)
+    return parser

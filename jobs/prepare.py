@@ -9,7 +9,9 @@ driver runs on (the head node, unless the submission asks for resources), so ``-
 path there. ``--out`` may also be a URI (``s3://``, ``gs://``): the dataset is then built in a
 local temporary folder and uploaded, its ``dataset.json`` last, so a reader that finds that
 file finds every shard it lists. A job submitted again finds the complete dataset and keeps
-it (``--overwrite`` rebuilds it), so a failed pipeline can simply be submitted again.
+it, so a failed pipeline can simply be submitted again; a dataset there that was prepared with
+other content options (source, resolution, imbalance ratio, seed, classes, images per class,
+reference split) or lacks a shard is refused in one line (``--overwrite`` rebuilds it).
 """
 
 from __future__ import annotations
@@ -23,16 +25,25 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from raydiff.cli import build_parser
 from raydiff.cli import main as raydiff_main
 from raydiff.data.parquet import INFO_FILE, load_info
+from raydiff.data.prepare import options_from_args, reuse_problem
 from raydiff.errors import RaydiffError
 
 
-def is_prepared(out: str) -> bool:
+def kept_dataset(argv: list[str], out: str) -> bool:
+    """True when ``out`` already holds the complete dataset ``argv`` asks for; a different or
+    incomplete one there is refused (--overwrite rebuilds it)."""
     try:
         load_info(out)
     except RaydiffError:
-        return False
+        return False  # nothing prepared there yet (or a dataset.json a rebuild replaces)
+    args = build_parser().parse_args(["prepare", *argv])
+    problem = reuse_problem(out, options_from_args(args))
+    if problem:
+        raise RaydiffError(f"{out} holds a prepared dataset that does not match: {problem}; "
+                           "--overwrite rebuilds it")
     return True
 
 
@@ -55,7 +66,12 @@ def main(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.out is None or {"-h", "--help"} & set(argv):
         return raydiff_main(["prepare", *argv])  # its usage message or help
-    if not args.overwrite and is_prepared(args.out):
+    try:
+        keep = not args.overwrite and kept_dataset(argv, args.out)
+    except RaydiffError as err:
+        print(f"raydiff: error: {err}", file=sys.stderr)
+        return 2
+    if keep:
         print(f"{args.out} already holds a prepared dataset; keeping it (--overwrite rebuilds it)")
         return 0
     if "://" not in args.out:

@@ -15,6 +15,7 @@ leaves a half-written checkpoint that looks valid.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -26,7 +27,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from raydiff import config as config_lib
 from raydiff.config import Config, ModelConfig
@@ -90,6 +92,40 @@ def read_config(path: str | Path) -> Config:
     return config_lib.load_json(path / "config.json")
 
 
+def read_step(path: str | Path) -> int:
+    """The step recorded in a checkpoint's ``state.json``; one clear line if it is damaged."""
+    where = Path(path) / "state.json"
+    try:
+        step = json.loads(where.read_text())["step"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise RaydiffError(f"{where} is damaged: {type(err).__name__}: {err}") from None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise RaydiffError(f"{where} is damaged: step {step!r} is not a count of steps")
+    return step
+
+
+def read_weights(path: str | Path, name: str, sha256: str | None = None,
+                 device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str]:
+    """One safetensors file of a checkpoint, read once: its tensors and the sha256 of the bytes
+    they were parsed from. With ``sha256``, refused unless those bytes hash to it (a file
+    replaced after it was checked is never used)."""
+    where = Path(path) / name
+    try:
+        data = where.read_bytes()
+    except OSError as err:
+        raise RaydiffError(f"checkpoint {path} has unreadable weights: {err}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise RaydiffError(f"{where} changed after it was checked (sha256 {digest[:16]}..., "
+                           f"expected {sha256[:16]}...)")
+    try:
+        tensors = load_bytes(data)
+    except (SafetensorError, ValueError) as err:
+        raise RaydiffError(f"checkpoint {path} has unreadable weights: {where.name}: "
+                           f"{str(err).splitlines()[0]}") from None
+    return {k: v.to(device) for k, v in tensors.items()}, digest
+
+
 def load_checkpoint(path: str | Path, expected: ModelConfig | None = None,
                     with_optimizer: bool = True, device: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint folder. Refuses one whose model config differs from ``expected``."""
@@ -98,12 +134,9 @@ def load_checkpoint(path: str | Path, expected: ModelConfig | None = None,
     if expected is not None and cfg.model != expected:
         raise RaydiffError(f"checkpoint {path} does not match the requested model: "
                            + "; ".join(describe_mismatch(cfg.model, expected)))
-    step = json.loads((path / "state.json").read_text())["step"]
-    try:
-        model = load_file(path / "model.safetensors", device=str(device))
-        ema = load_file(path / "ema.safetensors", device=str(device))
-    except (SafetensorError, OSError) as err:
-        raise RaydiffError(f"checkpoint {path} has unreadable weights: {err}") from None
+    step = read_step(path)
+    model, _ = read_weights(path, "model.safetensors", device=device)
+    ema, _ = read_weights(path, "ema.safetensors", device=device)
     optimizer = None
     if with_optimizer and (path / "optimizer.pt").is_file():
         # weights_only=True: tensors and plain containers only, never arbitrary objects.

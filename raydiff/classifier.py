@@ -37,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
@@ -396,14 +397,28 @@ def read_meta(path: str | Path) -> dict:
 
 
 def load_classifier(path: str | Path, with_optimizer: bool = False,
-                    device: str | torch.device = "cpu") -> ClassifierCheckpoint:
-    """Read a local checkpoint folder: safetensors weights, optimizer with weights_only."""
+                    device: str | torch.device = "cpu",
+                    sha256: str | None = None) -> ClassifierCheckpoint:
+    """Read a local checkpoint folder: safetensors weights, optimizer with weights_only. With
+    ``sha256`` (``checkpoint_sha256``), the weights and config must be the ones that hashed to
+    it: they are parsed from the very bytes that were hashed."""
     path = Path(path)
     meta = read_meta(path)
     try:
-        weights = load_file(path / WEIGHTS_FILE, device=str(device))
-    except (SafetensorError, OSError) as err:
+        data = (path / WEIGHTS_FILE).read_bytes()
+    except OSError as err:
         raise RaydiffError(f"checkpoint {path} has unreadable weights: {err}") from None
+    if sha256 is not None:
+        digest = _config_digest(meta["config"])
+        digest.update(data)
+        if digest.hexdigest() != sha256:
+            raise RaydiffError(f"classifier checkpoint {path} changed after it was checked "
+                               f"(sha256 {digest.hexdigest()[:16]}..., expected {sha256[:16]}...)")
+    try:
+        weights = {k: v.to(device) for k, v in load_bytes(data).items()}
+    except (SafetensorError, ValueError) as err:
+        raise RaydiffError(f"checkpoint {path} has unreadable weights: "
+                           f"{str(err).splitlines()[0]}") from None
     optimizer = None
     if with_optimizer and (path / OPTIMIZER_FILE).is_file():
         try:
@@ -438,10 +453,14 @@ def resolve_checkpoint(location: str | Path) -> str:
     return latest
 
 
+def _config_digest(config: dict):
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+
+
 def checkpoint_sha256(location: str | Path) -> str:
     """What the features depend on: the weights' bytes and the config (normalisation)."""
     folder = Folder(location)
-    digest = hashlib.sha256(json.dumps(read_meta(location)["config"], sort_keys=True).encode())
+    digest = _config_digest(read_meta(location)["config"])
     with folder.fs.open_input_stream(folder.path(WEIGHTS_FILE)) as stream:
         while block := stream.read(1 << 22):
             digest.update(block)
@@ -477,8 +496,9 @@ def local_checkpoint(location: str | Path) -> Path:
 class ClassifierFeatures:
     """A classifier checkpoint as a feature extractor: uint8 NHWC -> (features, logits)."""
 
-    def __init__(self, location: str | Path, device: str | torch.device = "cpu"):
-        ckpt = load_classifier(local_checkpoint(location), device=device)
+    def __init__(self, location: str | Path, device: str | torch.device = "cpu",
+                 sha256: str | None = None):
+        ckpt = load_classifier(local_checkpoint(location), device=device, sha256=sha256)
         self.cfg, self.device = ckpt.cfg, torch.device(device)
         self.model = build_classifier(ckpt.cfg).to(self.device)
         self.model.load_state_dict(ckpt.weights)

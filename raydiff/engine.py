@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from raydiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from raydiff.checkpoint import (Checkpoint, load_checkpoint, read_config, read_step, read_weights,
+                                save_checkpoint)
 from raydiff.config import Config, OptimConfig
 from raydiff.diffusion import GaussianDiffusion
 from raydiff.errors import RaydiffError
@@ -143,9 +144,26 @@ class Engine:
 
 
 def load_for_sampling(path: str | Path, device: str | torch.device = "cpu",
-                      use_ema: bool = True) -> tuple[UNet, Config]:
-    """The (EMA) network of a checkpoint in eval mode, and the checkpoint's config."""
-    ckpt = load_checkpoint(path, with_optimizer=False, device=device)
-    model = build_model(ckpt.cfg.model).to(device)
-    model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
-    return model.eval().requires_grad_(False), ckpt.cfg
+                      use_ema: bool = True, sha256: str | None = None) -> tuple[UNet, Config]:
+    """The (EMA) network of a checkpoint in eval mode, and the checkpoint's config. With
+    ``sha256``, the weights file must still be the one that hashed to it."""
+    model, cfg, _ = open_for_sampling(path, device, use_ema, sha256)
+    return model, cfg
+
+
+def open_for_sampling(path: str | Path, device: str | torch.device = "cpu",
+                      use_ema: bool = True, sha256: str | None = None) -> tuple[UNet, Config, str]:
+    """``load_for_sampling`` plus the sha256 of the weight bytes it loaded: every file of the
+    checkpoint is read and checked (config, step, tensor names and shapes)."""
+    path = Path(path)
+    cfg = read_config(path)
+    read_step(path)
+    weights, digest = read_weights(path, "ema.safetensors" if use_ema else "model.safetensors",
+                                   sha256, device)
+    model = build_model(cfg.model).to(device)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise RaydiffError(f"checkpoint {path} does not fit its own config.json: "
+                           f"{' '.join(str(err).split())[:300]}") from None
+    return model.eval().requires_grad_(False), cfg, digest

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +98,9 @@ def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo]:
     manifest = load_manifest(job.samples)
     shard_paths(job.samples)  # refuses an incomplete folder
     info = parquet.load_info(job.reference)
+    parquet.check_split(job.reference, "reference")
+    if job.copying:
+        parquet.check_split(job.reference, "train")
     ident = manifest["identity"]
     if ident["resolution"] != info.resolution:
         raise RaydiffError(f"reference {job.reference} is {info.resolution}x{info.resolution} "
@@ -242,6 +246,28 @@ def _reference_positions(reference: str, per_class: int | None,
     return positions
 
 
+def _read_cache(folder: Path, feature_dim: int) -> FeatureSet | None:
+    """A cache entry's features, or None when there is none. A damaged entry (unreadable,
+    of the wrong shape, not finite) counts as a miss: it is removed and extracted again."""
+    if not (folder / "meta.json").is_file():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        features = np.load(folder / "features.npy")  # allow_pickle=False: arrays only
+        labels = np.load(folder / "labels.npy")
+        n = int(meta["num_images"])
+        if (features.shape != (n, feature_dim) or labels.shape != (n,)
+                or not np.isfinite(features).all()):
+            raise ValueError(f"features {features.shape}, labels {labels.shape}, "
+                             f"{n} images expected")
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        logger.warning("evaluate: cache entry %s is damaged (%s); extracting again", folder,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return FeatureSet(features, labels)
+
+
 def reference_features(job: EvalJob, extractor: Extractor,
                        split: str = "reference") -> tuple[FeatureSet, bool]:
     """The features of the reference dataset's ``split`` (its reference images, or its
@@ -254,9 +280,10 @@ def reference_features(job: EvalJob, extractor: Extractor,
                 **({"split": split} if split != "reference" else {})}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
     folder = Path(job.cache_dir or default_cache_dir()) / key
-    if (folder / "meta.json").is_file():
+    cached = _read_cache(folder, extractor.feature_dim)
+    if cached is not None:
         logger.info("evaluate: reference features from cache %s", folder)
-        return FeatureSet(np.load(folder / "features.npy"), np.load(folder / "labels.npy")), True
+        return cached, True
     import ray
 
     positions = _reference_positions(job.reference, per_class, split)

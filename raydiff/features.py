@@ -20,6 +20,7 @@ No Ray here: ``raydiff.evaluate`` loads an ``Extractor`` inside Ray Data actors.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import pickle
 import socket
@@ -83,39 +84,50 @@ def resolve_weights(path: str | Path | None = None, download: bool = True) -> Pa
     return cached
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_weights_file(path: str | Path) -> None:
-    """Refuse, with one clear line, a weights file that is more than an Inception state dict
-    (``weights_only=True``: a pickle that carries code is refused, never run)."""
+def read_inception_state(path: str | Path, sha256: str | None = None) -> tuple[dict, str]:
+    """The Inception state dict in ``path`` and the sha256 of the bytes it was parsed from,
+    read once by raydiff (``weights_only=True``: a pickle that carries code is refused, never
+    run). With ``sha256``, refused unless those bytes hash to it, so a file replaced after it
+    was checked is never used. Anything else is one clear line."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise RaydiffError(f"cannot read the Inception weights {path}: {err.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise RaydiffError(f"{path} changed after it was checked (sha256 {digest[:16]}..., "
+                           f"expected {sha256[:16]}...)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         raise RaydiffError(f"{path} is not a plain Inception state dict: "
                            f"{str(err).strip().splitlines()[0]}") from None
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise RaydiffError(f"{path} is not an {EXTRACTOR} state dict (no fc.weight)")
+    return state, digest
+
+
+def check_weights_file(path: str | Path) -> str:
+    """Refuse, with one clear line, a weights file that is more than an Inception state dict;
+    its sha256 when it is one."""
+    return read_inception_state(path)[1]
 
 
 class InceptionFeatures:
     """Pool3 features and unbiased logits of uint8 images, on one device."""
 
-    def __init__(self, weights: str | Path, device: str | torch.device = "cpu"):
+    def __init__(self, weights: str | Path, device: str | torch.device = "cpu",
+                 sha256: str | None = None):
         from unittest import mock
 
         import torch_fidelity.feature_extractor_inceptionv3 as inception
 
         self.device = torch.device(device)
         # torch-fidelity unpickles a weights path with weights_only=False, so it never gets
-        # one: raydiff reads the tensors itself (weights_only=True) and hands them over where
-        # torch-fidelity would otherwise take its downloaded state dict.
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        # one: raydiff reads the tensors itself (weights_only=True, from the bytes whose hash
+        # it checks) and hands them over where torch-fidelity would otherwise take its
+        # downloaded state dict.
+        state, _ = read_inception_state(weights, sha256)
         with mock.patch.object(inception, "load_state_dict_from_url", return_value=state):
             model = inception.FeatureExtractorInceptionV3(EXTRACTOR, list(FEATURE_LAYERS))
         self.model = model.to(self.device)
@@ -145,16 +157,16 @@ class Extractor:
     def load(self, device: str | torch.device = "cpu") -> Callable:
         """A callable uint8 NHWC -> (float32 features, float32 logits)."""
         if self.kind == "inception":
-            return InceptionFeatures(self.path, device)
+            return InceptionFeatures(self.path, device, sha256=self.sha256)
         from raydiff.classifier import ClassifierFeatures
 
-        return ClassifierFeatures(self.path, device)
+        return ClassifierFeatures(self.path, device, sha256=self.sha256)
 
 
 def inception_extractor(path: str | Path | None = None, download: bool = True) -> Extractor:
     weights = resolve_weights(path, download=download)
-    check_weights_file(weights)
-    return Extractor("inception", EXTRACTOR, str(weights), file_sha256(weights), *INCEPTION_DIMS)
+    return Extractor("inception", EXTRACTOR, str(weights), check_weights_file(weights),
+                     *INCEPTION_DIMS)
 
 
 def classifier_extractor(location: str) -> Extractor:

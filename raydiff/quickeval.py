@@ -44,6 +44,7 @@ class EvalSpec:
     steps: int = 10  # DDIM steps
     guidance: float = 1.5
     weights: str | None = None  # Inception weights file (feature == "inception")
+    weights_sha256: str | None = None  # what its bytes must hash to wherever it is loaded
 
     @property
     def prefix(self) -> str:
@@ -51,7 +52,8 @@ class EvalSpec:
 
 
 def feature_extractor(feature: str, weights: str | None = None,
-                      device: str | torch.device = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+                      device: str | torch.device = "cpu",
+                      sha256: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 NHWC images -> float64 feature rows."""
     if feature == "pixels":
         def pixels(images: np.ndarray) -> np.ndarray:
@@ -61,7 +63,7 @@ def feature_extractor(feature: str, weights: str | None = None,
     if feature == "inception":
         from raydiff.features import InceptionFeatures
 
-        extractor = InceptionFeatures(weights, device)
+        extractor = InceptionFeatures(weights, device, sha256=sha256)
         return lambda images: extractor(images)[0].astype(np.float64)
     raise ValueError(f"unknown feature space {feature!r}; choose one of {', '.join(FEATURES)}")
 
@@ -90,7 +92,8 @@ def _rows(extract, images: np.ndarray) -> np.ndarray:
 
 
 def reference_stats(dataset_dir: str, feature: str, per_class: int | None = None,
-                    weights: str | None = None, copying: bool = True) -> ReferenceStats:
+                    weights: str | None = None, copying: bool = True,
+                    weights_sha256: str | None = None) -> ReferenceStats:
     """Statistics of the reference split, using at most ``per_class`` images of each class;
     with ``copying`` (and a training split of at most ``COPY_MAX_TRAIN`` images), the feature
     rows of both splits that the copy rate and diversity need."""
@@ -100,7 +103,7 @@ def reference_stats(dataset_dir: str, feature: str, per_class: int | None = None
         keep = np.concatenate([np.flatnonzero(labels == c)[:per_class]
                                for c in range(info.num_classes)])
         images, labels = images[keep], labels[keep]
-    extract = feature_extractor(feature, weights)
+    extract = feature_extractor(feature, weights, sha256=weights_sha256)
     rows = _rows(extract, images)
     groups = class_groups(info.counts("train"))
     copy_rows = None
@@ -122,7 +125,7 @@ class QuickEval:
         self.spec = spec
         self.reference, self.groups = reference.stats, reference.groups
         self.rows = reference.rows
-        self.extract = feature_extractor(spec.feature, spec.weights, device)
+        self.extract = feature_extractor(spec.feature, spec.weights, device, spec.weights_sha256)
 
     def __call__(self, model: torch.nn.Module, cfg: Config) -> dict[str, float]:
         num_classes = cfg.model.num_classes

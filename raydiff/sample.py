@@ -59,12 +59,12 @@ import pyarrow.parquet as pq
 import torch
 
 import raydiff
-from raydiff.checkpoint import read_config
+from raydiff.checkpoint import read_config, read_step
 from raydiff.config import Config, SampleConfig
 from raydiff.data.images import decode_images, encode_png_batch
 from raydiff.diffusion import GaussianDiffusion
+from raydiff.engine import open_for_sampling
 from raydiff.errors import RaydiffError
-from raydiff.features import file_sha256
 from raydiff.samplers import sample_images, to_uint8
 from raydiff.storage import Folder, atomic_path, latest_checkpoint_folder, local_copy, to_buffer
 
@@ -143,6 +143,7 @@ class SampleRun:
     checkpoint: str  # where it is (path or URI), resolved from a run folder if need be
     cfg: Config  # the checkpoint's config, its sample section replaced by the request
     identity: dict[str, Any]
+    step: int = 0  # the checkpoint's training step
 
     @property
     def batch_size(self) -> int:
@@ -190,14 +191,15 @@ class SampleActor:
     """Ray Data actor: the EMA network of one checkpoint, loaded once, sampling batches."""
 
     def __init__(self, checkpoint: str, cfg: dict, forward_batch: int, threads: int,
-                 use_gpu: bool):
+                 use_gpu: bool, ema_sha256: str):
         from raydiff import config as config_lib
         from raydiff.engine import load_for_sampling
 
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu else "cpu"
+        # the weights the driver checked, or an error: never a file replaced since
         self.model, _ = load_for_sampling(local_checkpoint(checkpoint), device=device,
-                                          use_ema=True)
+                                          use_ema=True, sha256=ema_sha256)
         self.cfg = config_lib.from_dict(cfg)
         self.diffusion = GaussianDiffusion(self.cfg.diffusion)
         self.forward_batch = forward_batch
@@ -269,7 +271,9 @@ def prepare_run(job: SampleJob) -> SampleRun:
     _check_job(job)
     checkpoint = resolve_checkpoint(job.checkpoint)
     local = local_checkpoint(checkpoint)
-    cfg = read_config(local)
+    # every file of the checkpoint is read and checked here, before the output is claimed
+    _, cfg, ema_sha256 = open_for_sampling(local)
+    step = read_step(local)
     sample = dataclasses.replace(cfg.sample, **{k: v for k, v in (
         ("sampler", job.sampler), ("steps", job.steps), ("guidance", job.guidance))
         if v is not None})
@@ -277,7 +281,7 @@ def prepare_run(job: SampleJob) -> SampleRun:
     classes = _check_classes(job.classes, cfg.model.num_classes)
     plan = SamplePlan(classes, job.per_class, job.seed, job.shard_size)
     identity = {
-        "checkpoint_ema_sha256": file_sha256(local / "ema.safetensors"),
+        "checkpoint_ema_sha256": ema_sha256,
         "sampler": dataclasses.asdict(sample),
         "forward_batch": job.forward_batch,
         "seed": job.seed,
@@ -287,7 +291,7 @@ def prepare_run(job: SampleJob) -> SampleRun:
         "resolution": cfg.model.resolution,
         "num_classes": cfg.model.num_classes,
     }
-    return SampleRun(job, plan, checkpoint, cfg, identity)
+    return SampleRun(job, plan, checkpoint, cfg, identity, step)
 
 
 # --- the output folder ----------------------------------------------------------------------
@@ -326,11 +330,15 @@ def claim_output(run: SampleRun) -> dict:
     if out.is_file(MANIFEST):
         manifest = load_manifest(out)
         diffs = _identity_differences(manifest["identity"], run.identity)
-        if diffs:
+        if not diffs:
+            return manifest
+        if out.names(SHARDS_DIR, "shard-*.parquet"):
             raise RaydiffError(f"{out} holds a different sampling run ({diffs[0]}); "
                                "choose another --out")
-        return manifest
-    if out.exists() and (not out.is_dir() or out.names()):
+        # a run that failed before its first shard: nothing of it is worth keeping
+        logger.info("sample: %s holds no shard of its earlier run (%s); starting this one",
+                    out, diffs[0])
+    elif out.exists() and (not out.is_dir() or out.names()):
         raise RaydiffError(f"{out} exists and is not a raydiff sample folder (no {MANIFEST})")
     out.makedirs(SHARDS_DIR)
     plan = run.plan
@@ -339,7 +347,7 @@ def claim_output(run: SampleRun) -> dict:
         "format_version": FORMAT_VERSION,
         "identity": run.identity,
         "checkpoint": {"path": run.checkpoint, "weights": "ema",
-                       "step": Folder(run.checkpoint).read_json("state.json")["step"],
+                       "step": run.step,
                        "model": dataclasses.asdict(run.cfg.model)},
         "seeds_rule": SEEDS_RULE,
         "labels_rule": LABELS_RULE,
@@ -370,9 +378,17 @@ def finished_shards(out: str | Path, plan: SamplePlan) -> set[int]:
         name = shard_name(shard)
         start, stop = plan.shard_bounds(shard)
         if name.split("/")[1] in present:
-            with folder.open_input_file(name) as f:
-                if pq.read_metadata(f).num_rows == stop - start:
-                    done.add(shard)
+            try:
+                with folder.open_input_file(name) as f:
+                    rows = pq.read_metadata(f).num_rows
+            except (pa.ArrowInvalid, OSError) as err:
+                logger.warning("%s is damaged (%s): sampling it again", folder.uri(name),
+                               str(err).splitlines()[0])
+                rows = None
+            if rows == stop - start:
+                done.add(shard)
+            else:
+                folder.delete(name)  # short or unreadable: written again by this run
     return done
 
 
@@ -427,6 +443,18 @@ def shard_paths(out: str | Path) -> list[str]:
     if missing:
         raise RaydiffError(f"{out} is incomplete: {len(missing)} of {len(names)} shards missing "
                            f"(first: {missing[0]}); rerun the same 'raydiff sample' command")
+    size, total = manifest["identity"]["shard_size"], manifest["num_images"]
+    for k, name in enumerate(names):
+        try:
+            with folder.open_input_file(name) as f:
+                rows = pq.read_metadata(f).num_rows
+        except (pa.ArrowInvalid, OSError) as err:
+            raise RaydiffError(f"{folder.uri(name)} is damaged ({str(err).splitlines()[0]}); "
+                               "rerun the same 'raydiff sample' command to sample it again") from None
+        if rows != min(size, total - k * size):
+            raise RaydiffError(f"{folder.uri(name)} holds {rows} images, not "
+                               f"{min(size, total - k * size)}; rerun the same 'raydiff sample' "
+                               "command to sample it again")
     return [folder.uri(n) for n in names]
 
 
@@ -531,7 +559,8 @@ def build_pipeline(run: SampleRun, skip: frozenset):
         fn_constructor_kwargs={"checkpoint": run.checkpoint,
                                "cfg": run.cfg.to_dict(), "forward_batch": job.forward_batch,
                                "threads": max(1, int(job.cpus_per_actor)),
-                               "use_gpu": job.gpus_per_actor > 0},
+                               "use_gpu": job.gpus_per_actor > 0,
+                               "ema_sha256": run.identity["checkpoint_ema_sha256"]},
         compute=ray.data.ActorPoolStrategy(size=job.actors),
         batch_size=run.batch_size, batch_format="numpy",
         num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)

@@ -146,7 +146,8 @@ def check_study(job: StudyJob) -> None:
         raise RaydiffError(f"--seeds must be distinct integers >= 0, got {list(job.seeds)}")
     if job.per_class < 2:
         raise RaydiffError(f"--per-class must be at least 2, got {job.per_class}")
-    parquet.load_info(job.data)
+    for split in parquet.SPLITS:
+        parquet.check_split(job.data, split)
     spec_path = job.dir / SPEC_FILE
     if spec_path.is_file():
         found, wanted = json.loads(spec_path.read_text()), json.loads(json.dumps(job.spec()))

@@ -382,13 +382,16 @@ def init_ray(num_cpus_hint: float | None = None) -> None:
                            f"not at {address}")
 
 
-def prepare_job(job: TrainJob) -> tuple[TrainJob, parquet.DatasetInfo, int]:
-    """Validate the request against the data, the storage and the cluster; no worker starts."""
+def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.DatasetInfo, int]:
+    """Validate the request against the data, the storage and (``cluster``: Ray must be up)
+    the cluster's resources; no worker starts."""
     info = parquet.load_info(job.data)
+    parquet.check_split(job.data, "train")
     job = dataclasses.replace(job, cfg=fit_config_to_data(job.cfg, info))
     check_batch(job, info)
     resumed = check_resume(job)
-    check_resources(job)
+    if cluster:
+        check_resources(job)
     return job, info, resumed
 
 
@@ -442,8 +445,9 @@ def fit(trainer):
 
 def run_training(job: TrainJob):
     """Check the job, fit the TorchTrainer; returns the Ray Train ``Result``."""
+    job, info, resumed = prepare_job(job, cluster=False)  # every check that needs no Ray
     init_ray(job.workers * job.cpus_per_worker)
-    job, info, resumed = prepare_job(job)
+    check_resources(job)
     if resumed:
         logger.info("resuming run %s from step %d", job.name, resumed)
     return fit(build_trainer(job, info))

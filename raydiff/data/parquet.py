@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -189,6 +190,63 @@ def split_paths(dataset_dir: str | Path, split: str) -> list[str]:
     """The Parquet shards of one split, as paths or URIs ``ray.data.read_parquet`` accepts."""
     _check_split(split)
     return [_join(dataset_dir, rel) for rel in load_info(dataset_dir).files[split]]
+
+
+def missing_files(dataset_dir: str | Path) -> list[str]:
+    """The shards ``dataset.json`` lists that are not there."""
+    fs, base = _filesystem(dataset_dir)
+    listed = [rel for split in SPLITS for rel in load_info(dataset_dir).files[split]]
+    found = fs.get_file_info([f"{base}/{rel}" for rel in listed])
+    return [rel for rel, f in zip(listed, found) if f.type != pafs.FileType.File]
+
+
+def check_split(dataset_dir: str | Path, split: str) -> None:
+    """Refuse, with one line naming the shard, a split whose shards are missing, are not
+    readable Parquet, hold another number of rows than ``dataset.json`` says, or hold a label
+    outside its classes. Reads only the footers (labels from the column statistics; the label
+    column itself where a footer has none): cheap enough to run before every job."""
+    _check_split(split)
+    info = load_info(dataset_dir)
+    fs, base = _filesystem(dataset_dir)
+    rows = 0
+    for rel in info.files[split]:
+        where = _join(dataset_dir, rel)
+        try:
+            with fs.open_input_file(f"{base}/{rel}") as f:
+                meta = pq.ParquetFile(f).metadata
+                column = meta.schema.to_arrow_schema().get_field_index("label")
+                if column < 0:
+                    raise RaydiffError(f"{where} has no label column")
+                low, high = _label_range(meta, column)
+                if low is None:  # no statistics: read the (small) label column
+                    labels = pq.read_table(f, columns=["label"]).column("label")
+                    low, high = pc.min(labels).as_py(), pc.max(labels).as_py()
+        except FileNotFoundError:
+            raise RaydiffError(f"{where} is missing ({split} shard listed in {INFO_FILE})") from None
+        except (pa.ArrowInvalid, OSError) as err:
+            raise RaydiffError(f"{where} is not a readable Parquet file: "
+                               f"{str(err).splitlines()[0]}") from None
+        rows += meta.num_rows
+        for label in (low, high):
+            if label is not None and not 0 <= label < info.num_classes:
+                raise RaydiffError(f"{where} holds label {label}, outside the "
+                                   f"{info.num_classes} classes of {INFO_FILE} (0..{info.num_classes - 1})")
+    if rows != info.num_images(split):
+        raise RaydiffError(f"{_join(dataset_dir, INFO_FILE)} lists {info.num_images(split)} "
+                           f"{split} images but its shards hold {rows}")
+
+
+def _label_range(meta, column: int) -> tuple[int | None, int | None]:
+    low = high = None
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(column).statistics
+        if meta.row_group(g).num_rows == 0:
+            continue
+        if stats is None or not stats.has_min_max:
+            return None, None
+        low = stats.min if low is None else min(low, stats.min)
+        high = stats.max if high is None else max(high, stats.max)
+    return low, high
 
 
 def read_split(dataset_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:

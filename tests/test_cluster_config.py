@@ -121,6 +121,16 @@ def test_nothing_but_ssh_is_open_to_the_internet(cluster):
     assert "0.0.0.0" not in json.dumps(cluster)
 
 
+def test_the_onprem_block_turns_on_token_authentication_on_every_node():
+    block = onprem_block()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in block[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), key
+    # the token made with `ray get-auth-token --generate` reaches every node at Ray's default path
+    assert block["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "--dashboard-host=127.0.0.1" in " ".join(block["head_start_ray_commands"])
+
+
 def kuberay_documents() -> dict:
     docs = list(yaml.safe_load_all((REPO / "deploy" / "kuberay-rayjob.yaml").read_text()))
     return {d["kind"]: d for d in docs}
@@ -156,6 +166,25 @@ def test_kuberay_rayjob_runs_the_train_job_on_gpu_groups_with_s3():
         shm = {v["name"] for v in pod["spec"]["volumes"] if v["emptyDir"].get("medium") == "Memory"}
         mounts = pod["spec"]["containers"][0]["volumeMounts"]
         assert any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in mounts)
+
+
+def test_kuberay_cluster_has_token_auth_and_admits_only_its_own_pods():
+    docs = kuberay_documents()
+    assert docs["RayJob"]["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    policy = docs["NetworkPolicy"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]  # one rule, no ports opened to everyone
+    peers = rule["from"]
+    assert all("ipBlock" not in peer for peer in peers)
+    labels = [peer["podSelector"]["matchLabels"] for peer in peers]
+    assert {"ray.io/is-ray-node": "yes"} in labels
+    assert {"job-name": docs["RayJob"]["metadata"]["name"]} in labels  # its submitter
+    operator = [p for p in peers if "namespaceSelector" in p]
+    assert [p["podSelector"]["matchLabels"] for p in operator] == [
+        {"app.kubernetes.io/name": "kuberay-operator"}]
 
 
 def test_the_kuberay_image_is_ray_260_with_the_job_scripts():

@@ -37,6 +37,7 @@ from raydiff import config as config_lib
 from raydiff.config import Config
 from raydiff.data import parquet
 from raydiff.errors import RaydiffError
+from raydiff.features import CLASSIFIER_PREFIX, resolve_extractor
 from raydiff.metrics import GROUPS, SHOT_GROUPS
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,11 @@ def check_study(job: StudyJob) -> None:
         raise RaydiffError(f"--per-class must be at least 2, got {job.per_class}")
     for split in parquet.SPLITS:
         parquet.check_split(job.data, split)
+    from raydiff.train import prepare_job
+
+    prepare_job(_train_job(job), cluster=False)  # batch and data, before Ray starts
+    if job.features == "inception" or job.features.startswith(CLASSIFIER_PREFIX):
+        resolve_extractor(job.features, job.inception_weights, job.download)  # weights checked
     spec_path = job.dir / SPEC_FILE
     if spec_path.is_file():
         found, wanted = json.loads(spec_path.read_text()), json.loads(json.dumps(job.spec()))

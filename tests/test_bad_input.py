@@ -524,3 +524,17 @@ def test_a_damaged_reference_cache_entry_is_a_miss(tmp_path):
     (entry / "features.npy").write_bytes((entry / "features.npy").read_bytes()[:60])
     assert _read_cache(entry, 8) is None and not entry.exists()  # removed, to be rebuilt
     assert _read_cache(entry, 8) is None  # no entry: a plain miss
+
+
+def test_a_resumed_sample_run_samples_a_damaged_shard_again(tiny_samples, tmp_path):
+    from raydiff.sample import SampleJob, finished_shards, load_manifest, prepare_run
+
+    out = _copy(tiny_samples, tmp_path / "samples")
+    manifest = load_manifest(out)
+    run = prepare_run(SampleJob(checkpoint=manifest["checkpoint"]["path"], out=str(out),
+                                per_class=2, forward_batch=4, shard_size=4))
+    assert finished_shards(out, run.plan) == {0, 1}
+    shard = out / "shards" / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:150])  # a truncated write on flaky storage
+    assert finished_shards(out, run.plan) == {0}  # not counted as done ...
+    assert not shard.exists()  # ... and gone, so the resumed run writes it again

@@ -95,9 +95,14 @@ def test_prepare_job_uploads_a_dataset_and_keeps_it_when_resubmitted(ray_dashboa
     info = load_info(dataset_uri)
     assert (info.num_classes, info.resolution) == (4, 16)
     assert list(info.counts("train")) == [48, 30, 19, 12]
-    logs = run_job(ray_dashboard_url, "jobs/prepare.py", "shapes", "--out", dataset_uri,
-                   "--resolution", "16")
+    same = ["shapes", "--out", dataset_uri, "--resolution", "16", "--num-classes", "4",
+            "--images-per-class", "48", "--imbalance-ratio", "4"]
+    logs = run_job(ray_dashboard_url, "jobs/prepare.py", *same)
     assert "already holds a prepared dataset; keeping it" in logs
+    # asked for another dataset, the job refuses the one there in one line
+    logs = wait(ray_dashboard_url, submit(ray_dashboard_url, "jobs/prepare.py",
+                                          *same[:-1], "8")[0], expected="FAILED")
+    assert "does not match: it holds --imbalance-ratio 4.0, not 8.0; --overwrite rebuilds it" in logs
 
 
 def read_metrics(run: Path) -> list[dict]:

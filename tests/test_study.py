@@ -92,7 +92,7 @@ def test_summary_and_table_of_constructed_runs():
 
 
 def _job(tmp_path: Path, data: Path, **kw) -> StudyJob:
-    base = config_lib.apply_overrides(BASE, {"optim.total_steps": 6})
+    base = config_lib.apply_overrides(BASE, {"optim.total_steps": 6, "optim.batch_size": 8})
     return StudyJob(data=str(data), base=base, storage=str(tmp_path), name="s",
                     variants=(parse_variant("ddpm", base), parse_variant("ccua", base)),
                     seeds=(0, 1), **kw)
@@ -111,6 +111,13 @@ def test_a_study_refuses_to_resume_with_other_settings(tmp_path, shapes16_tiny):
         check_study(replace(job, per_class=1, name="t"))
     with pytest.raises(RaydiffError, match="repeats a label"):
         check_study(replace(job, variants=job.variants * 2, name="t"))
+    # what would fail only after Ray started, or after training: refused up front
+    with pytest.raises(RaydiffError, match="fewer than one batch"):
+        check_study(replace(job, base=config_lib.apply_overrides(job.base, {"optim.batch_size": 64}),
+                            name="t"))
+    with pytest.raises(RaydiffError, match="does not exist"):
+        check_study(replace(job, features="inception", inception_weights=str(tmp_path / "no.pth"),
+                            name="t"))
 
 
 STUDY_ARGS = ["--preset", "tiny", "--methods", "ddpm", "ccua", "--seeds", "0,1",

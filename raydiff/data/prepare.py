@@ -257,6 +257,11 @@ def _write_dataset(
     built: BuiltSource, options: PrepareOptions, resolution: int, staging: Path
 ) -> DatasetInfo:
     """Both splits' shards, then dataset.json (last, so its presence means the rest is there)."""
+    for split, plan in (("train", built.train), ("reference", built.reference)):
+        bad = plan.labels[(plan.labels < 0) | (plan.labels >= built.num_classes)]
+        if len(bad):  # a source that reads labels from a list file can hold any number
+            raise RaydiffError(f"{options.source}: {split} label {int(bad[0])} is outside the "
+                               f"{built.num_classes} classes (0..{built.num_classes - 1})")
     files = {}
     with encode_pool(options.workers) as pool:
         for index, split in enumerate(SPLITS):

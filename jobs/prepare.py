@@ -36,11 +36,11 @@ def kept_dataset(argv: list[str], out: str) -> bool:
     """True when ``out`` already holds the complete dataset ``argv`` asks for; a different or
     incomplete one there is refused (--overwrite rebuilds it)."""
     try:
-        load_info(out)
+        info = load_info(out)
     except RaydiffError:
         return False  # nothing prepared there yet (or a dataset.json a rebuild replaces)
     args = build_parser().parse_args(["prepare", *argv])
-    problem = reuse_problem(out, options_from_args(args))
+    problem = reuse_problem(out, options_from_args(args), info)
     if problem:
         raise RaydiffError(f"{out} holds a prepared dataset that does not match: {problem}; "
                            "--overwrite rebuilds it")

@@ -17,19 +17,19 @@ import math
 
 from raydiff.errors import RaydiffError
 
-# dest -> the smallest value allowed where it is not the default (ints >= 1, floats > 0)
+# flags (by dest) where 0 is allowed and means something; otherwise ints >= 1, floats > 0
 ZERO_ALLOWED = {
-    "seed": 0,  # a seed is any non-negative integer
-    "gpus_per_worker": 0,  # 0 = CPU training with gloo
-    "gpus_per_actor": 0,  # 0 = CPU actors
-    "max_failures": 0,  # 0 = no retry
-    "weight_decay": 0,
-    "momentum": 0,
-    "warmup_epochs": 0,
-    "crop_padding": 0,  # 0 = no random crop
-    "guidance": 0,  # 0 = plain conditional sampling
+    "seed",  # a seed is any non-negative integer
+    "gpus_per_worker",  # 0 = CPU training with gloo
+    "gpus_per_actor",  # 0 = CPU actors
+    "max_failures",  # 0 = no retry
+    "weight_decay",
+    "momentum",
+    "warmup_epochs",
+    "crop_padding",  # 0 = no random crop
+    "guidance",  # 0 = plain conditional sampling
 }
-MINIMUM = {"imbalance_ratio": 1}  # n_max / n_min
+MINIMUM = {"imbalance_ratio": 1}  # inclusive minimums of their own (n_max / n_min)
 
 
 class UsageError(RaydiffError):
@@ -43,9 +43,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _checked(convert, dest: str):
     is_int = convert is int
-    minimum = MINIMUM.get(dest, ZERO_ALLOWED.get(dest, 1 if is_int else 0))
-    # floats with the default minimum 0 must be above it; every other minimum is inclusive
-    exclusive = not is_int and dest not in ZERO_ALLOWED and dest not in MINIMUM
+    if dest in MINIMUM or dest in ZERO_ALLOWED:
+        minimum, exclusive = MINIMUM.get(dest, 0), False
+    else:  # a count, or an amount that must be above 0
+        minimum, exclusive = (1, False) if is_int else (0, True)
 
     def parse(text: str):
         try:

@@ -15,7 +15,6 @@ leaves a half-written checkpoint that looks valid.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 from raydiff import config as config_lib
 from raydiff.config import Config, ModelConfig
 from raydiff.errors import RaydiffError
+from raydiff.storage import read_verified
 
 FORMAT_VERSION = 1
 _REQUIRED = ("config.json", "state.json", "model.safetensors", "ema.safetensors")
@@ -110,14 +110,7 @@ def read_weights(path: str | Path, name: str, sha256: str | None = None,
     they were parsed from. With ``sha256``, refused unless those bytes hash to it (a file
     replaced after it was checked is never used)."""
     where = Path(path) / name
-    try:
-        data = where.read_bytes()
-    except OSError as err:
-        raise RaydiffError(f"checkpoint {path} has unreadable weights: {err}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and digest != sha256:
-        raise RaydiffError(f"{where} changed after it was checked (sha256 {digest[:16]}..., "
-                           f"expected {sha256[:16]}...)")
+    data, digest = read_verified(where, sha256, what="checkpoint weights")
     try:
         tensors = load_bytes(data)
     except (SafetensorError, ValueError) as err:

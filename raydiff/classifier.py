@@ -46,7 +46,7 @@ from raydiff.config import _coerce
 from raydiff.engine import NonFiniteLossError, step_seed
 from raydiff.errors import RaydiffError
 from raydiff.metrics import GROUPS, SHOT_GROUPS, class_groups, shot_groups
-from raydiff.storage import Folder, atomic_path, latest_checkpoint_folder, local_copy
+from raydiff.storage import Folder, atomic_path, latest_checkpoint_folder, local_copy, read_verified
 
 KIND = "raydiff-classifier"
 FORMAT_VERSION = 1
@@ -404,16 +404,8 @@ def load_classifier(path: str | Path, with_optimizer: bool = False,
     it: they are parsed from the very bytes that were hashed."""
     path = Path(path)
     meta = read_meta(path)
-    try:
-        data = (path / WEIGHTS_FILE).read_bytes()
-    except OSError as err:
-        raise RaydiffError(f"checkpoint {path} has unreadable weights: {err}") from None
-    if sha256 is not None:
-        digest = _config_digest(meta["config"])
-        digest.update(data)
-        if digest.hexdigest() != sha256:
-            raise RaydiffError(f"classifier checkpoint {path} changed after it was checked "
-                               f"(sha256 {digest.hexdigest()[:16]}..., expected {sha256[:16]}...)")
+    data, _ = read_verified(path / WEIGHTS_FILE, sha256, prefix=_config_bytes(meta["config"]),
+                            what="classifier weights")
     try:
         weights = {k: v.to(device) for k, v in load_bytes(data).items()}
     except (SafetensorError, ValueError) as err:
@@ -453,14 +445,15 @@ def resolve_checkpoint(location: str | Path) -> str:
     return latest
 
 
-def _config_digest(config: dict):
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+def _config_bytes(config: dict) -> bytes:
+    """What a classifier's features depend on besides its weights (the normalisation)."""
+    return json.dumps(config, sort_keys=True).encode()
 
 
 def checkpoint_sha256(location: str | Path) -> str:
     """What the features depend on: the weights' bytes and the config (normalisation)."""
     folder = Folder(location)
-    digest = _config_digest(read_meta(location)["config"])
+    digest = hashlib.sha256(_config_bytes(read_meta(location)["config"]))
     with folder.fs.open_input_stream(folder.path(WEIGHTS_FILE)) as stream:
         while block := stream.read(1 << 22):
             digest.update(block)

@@ -148,7 +148,7 @@ def prepare_classify(job: ClassifyJob) -> ClassifyPlan:
     _check_job(job)
     rule = _mix_rule(job)
     info = parquet.load_info(job.data)
-    parquet.check_split(job.data, job.split)
+    parquet.check_split(job.data, job.split, info)
     real_images, real_labels = parquet.read_split_arrays(job.data, job.split)
     synthetic_images, synthetic_labels = load_synthetic(job.synthetic, info, job.data)
     mixed = mix(real_images, real_labels, synthetic_images, synthetic_labels, rule,

@@ -180,8 +180,8 @@ def _tiny_vpred() -> Config:
     # Not a paper recipe: the tiny network with v-prediction and min-SNR-5 weighting, which
     # learns the 16 px shapes within a laptop's minutes where eps-prediction does not (its
     # samples stay saturated noise for thousands of steps). Used by `raydiff demo`. Self-attention
-    # only in the 4x4 middle block and channels_last: 264 against 214 images/s for a CCUA step
-    # of 64 on 2 CPU cores, and the samples were recognised as well or better. In-process (CCUA,
+    # only in the 4x4 middle block and channels_last: a CCUA step of 64 on 2 CPU cores went from
+    # 214 to 264 images/s, and the samples were recognised as well or better. In-process (CCUA,
     # 40 images a class, DDIM-20): the demo's reference classifier recognised 56%, 64% and 68% of
     # the samples with w = 5 (tail third 40%, 53%, 55%) after 1000, 1250 and 1500 steps; w = 3
     # gave 53%, 59%, 62% (tail 38%, 48%, 47%). docs/METHOD.md explains the choices.
@@ -292,12 +292,13 @@ def validate(cfg: Config) -> None:
         (t.num_to_keep >= 1, "train.num_to_keep", t.num_to_keep, ">= 1"),
         (t.preview_per_class >= 0, "train.preview_per_class", t.preview_per_class, ">= 0"),
     ]
-    for section in (m, d, lo, o, s, t):
+    for name in _section_types():
+        section = getattr(cfg, name)
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise RaydiffError(f"config {type(section).__name__}.{f.name}={value!r} is "
-                                   "invalid: expected a finite number")
+                raise RaydiffError(f"config {name}.{f.name}={value!r} is invalid: expected a "
+                                   "finite number")
     for ok, key, value, expected in checks:
         if not ok:
             raise RaydiffError(f"config {key}={value!r} is invalid: expected {expected}")

@@ -16,8 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from raydiff.checkpoint import (Checkpoint, load_checkpoint, read_config, read_step, read_weights,
-                                save_checkpoint)
+from raydiff.checkpoint import Checkpoint, load_checkpoint, read_config, read_weights, save_checkpoint
 from raydiff.config import Config, OptimConfig
 from raydiff.diffusion import GaussianDiffusion
 from raydiff.errors import RaydiffError
@@ -153,11 +152,10 @@ def load_for_sampling(path: str | Path, device: str | torch.device = "cpu",
 
 def open_for_sampling(path: str | Path, device: str | torch.device = "cpu",
                       use_ema: bool = True, sha256: str | None = None) -> tuple[UNet, Config, str]:
-    """``load_for_sampling`` plus the sha256 of the weight bytes it loaded: every file of the
-    checkpoint is read and checked (config, step, tensor names and shapes)."""
+    """``load_for_sampling`` plus the sha256 of the weight bytes it loaded; the config and the
+    weights are read and checked (tensor names and shapes against the config's network)."""
     path = Path(path)
     cfg = read_config(path)
-    read_step(path)
     weights, digest = read_weights(path, "ema.safetensors" if use_ema else "model.safetensors",
                                    sha256, device)
     model = build_model(cfg.model).to(device)

@@ -83,7 +83,7 @@ def default_cache_dir() -> Path:
 
 # --- checks -----------------------------------------------------------------------------------
 
-def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo]:
+def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo, list[str]]:
     """The sample manifest and reference info, after checking they can be compared."""
     unknown = [m for m in job.metrics if m not in METRICS]
     if unknown or not job.metrics:
@@ -96,11 +96,11 @@ def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo]:
         raise RaydiffError("--reference-per-class must be at least 2 (a covariance needs two "
                            f"images), got {job.reference_per_class}")
     manifest = load_manifest(job.samples)
-    shard_paths(job.samples)  # refuses an incomplete folder
+    paths = shard_paths(job.samples)  # refuses an incomplete or damaged folder
     info = parquet.load_info(job.reference)
-    parquet.check_split(job.reference, "reference")
+    parquet.check_split(job.reference, "reference", info)
     if job.copying:
-        parquet.check_split(job.reference, "train")
+        parquet.check_split(job.reference, "train", info)
     ident = manifest["identity"]
     if ident["resolution"] != info.resolution:
         raise RaydiffError(f"reference {job.reference} is {info.resolution}x{info.resolution} "
@@ -108,7 +108,7 @@ def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo]:
     if ident["num_classes"] != info.num_classes:
         raise RaydiffError(f"reference {job.reference} has {info.num_classes} classes but the "
                            f"samples' checkpoint has {ident['num_classes']}")
-    return manifest, info
+    return manifest, info, paths
 
 
 def check_extractor(extractor: Extractor, info: parquet.DatasetInfo) -> None:
@@ -199,13 +199,13 @@ def _extract(ds, job: EvalJob, extractor: Extractor, feature_set: FeatureSet,
         raise RuntimeError(f"{int((feature_set.labels < 0).sum())} images got no features")
 
 
-def sample_features(job: EvalJob, manifest: dict, extractor: Extractor, groups: np.ndarray,
-                    with_logits: bool) -> tuple[FeatureSet, list[FeatureStats]]:
+def sample_features(job: EvalJob, manifest: dict, paths: list[str], extractor: Extractor,
+                    groups: np.ndarray, with_logits: bool) -> tuple[FeatureSet, list[FeatureStats]]:
     """Features of every generated image, and their sufficient statistics per class group,
     accumulated in float64 as batches arrive."""
     import ray
 
-    ds = ray.data.read_parquet(shard_paths(job.samples), columns=["index", "label", "image"])
+    ds = ray.data.read_parquet(paths, columns=["index", "label", "image"])
     ds = ds.map_batches(key_by_index, batch_format="numpy", batch_size=None)
     stats = [FeatureStats(dim=extractor.feature_dim) for _ in GROUPS]
 
@@ -376,7 +376,7 @@ def run_evaluation(job: EvalJob) -> dict:
     """Extract features, compute the metrics, write metrics.json and metrics.png."""
     from raydiff.train import init_ray
 
-    manifest, info = check_job(job)
+    manifest, info, paths = check_job(job)
     extractor = resolve_extractor(job.features, job.inception_weights, job.download)
     check_extractor(extractor, info)
     classifier = extractor.kind == "classifier"
@@ -387,7 +387,7 @@ def run_evaluation(job: EvalJob) -> dict:
     ref_seconds = time.monotonic() - start
     groups = metrics_lib.class_groups(info.counts("train"))
     shots = metrics_lib.shot_groups(info.counts("train"))
-    gen, gen_stats = sample_features(job, manifest, extractor, groups,
+    gen, gen_stats = sample_features(job, manifest, paths, extractor, groups,
                                      "isc" in job.metrics or classifier)
     features_seconds = time.monotonic() - start
     classes = [int(c) for c in manifest["identity"]["classes"]]

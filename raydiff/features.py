@@ -19,7 +19,6 @@ No Ray here: ``raydiff.evaluate`` loads an ``Extractor`` inside Ray Data actors.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import pickle
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from raydiff.errors import RaydiffError
+from raydiff.storage import read_verified
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,7 @@ def read_inception_state(path: str | Path, sha256: str | None = None) -> tuple[d
     read once by raydiff (``weights_only=True``: a pickle that carries code is refused, never
     run). With ``sha256``, refused unless those bytes hash to it, so a file replaced after it
     was checked is never used. Anything else is one clear line."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise RaydiffError(f"cannot read the Inception weights {path}: {err.strerror}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and digest != sha256:
-        raise RaydiffError(f"{path} changed after it was checked (sha256 {digest[:16]}..., "
-                           f"expected {sha256[:16]}...)")
+    data, digest = read_verified(path, sha256, what="Inception weights")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:

@@ -271,7 +271,7 @@ def prepare_run(job: SampleJob) -> SampleRun:
     _check_job(job)
     checkpoint = resolve_checkpoint(job.checkpoint)
     local = local_checkpoint(checkpoint)
-    # every file of the checkpoint is read and checked here, before the output is claimed
+    # the config, the step and the EMA weights are read and checked before the output is claimed
     _, cfg, ema_sha256 = open_for_sampling(local)
     step = read_step(local)
     sample = dataclasses.replace(cfg.sample, **{k: v for k, v in (
@@ -367,6 +367,15 @@ def shard_name(shard: int) -> str:
     return f"{SHARDS_DIR}/shard-{shard:05d}.parquet"
 
 
+def _footer_rows(folder: Folder, name: str) -> tuple[int | None, str | None]:
+    """A shard's row count from its Parquet footer, or None and why it cannot be read."""
+    try:
+        with folder.open_input_file(name) as f:
+            return pq.read_metadata(f).num_rows, None
+    except (pa.ArrowInvalid, OSError) as err:
+        return None, str(err).splitlines()[0]
+
+
 def finished_shards(out: str | Path, plan: SamplePlan) -> set[int]:
     """Shards on storage with the expected row count; stale temporary files are removed."""
     folder = Folder(out)
@@ -378,13 +387,9 @@ def finished_shards(out: str | Path, plan: SamplePlan) -> set[int]:
         name = shard_name(shard)
         start, stop = plan.shard_bounds(shard)
         if name.split("/")[1] in present:
-            try:
-                with folder.open_input_file(name) as f:
-                    rows = pq.read_metadata(f).num_rows
-            except (pa.ArrowInvalid, OSError) as err:
-                logger.warning("%s is damaged (%s): sampling it again", folder.uri(name),
-                               str(err).splitlines()[0])
-                rows = None
+            rows, damage = _footer_rows(folder, name)
+            if damage:
+                logger.warning("%s is damaged (%s): sampling it again", folder.uri(name), damage)
             if rows == stop - start:
                 done.add(shard)
             else:
@@ -445,12 +450,10 @@ def shard_paths(out: str | Path) -> list[str]:
                            f"(first: {missing[0]}); rerun the same 'raydiff sample' command")
     size, total = manifest["identity"]["shard_size"], manifest["num_images"]
     for k, name in enumerate(names):
-        try:
-            with folder.open_input_file(name) as f:
-                rows = pq.read_metadata(f).num_rows
-        except (pa.ArrowInvalid, OSError) as err:
-            raise RaydiffError(f"{folder.uri(name)} is damaged ({str(err).splitlines()[0]}); "
-                               "rerun the same 'raydiff sample' command to sample it again") from None
+        rows, damage = _footer_rows(folder, name)
+        if damage:
+            raise RaydiffError(f"{folder.uri(name)} is damaged ({damage}); rerun the same "
+                               "'raydiff sample' command to sample it again")
         if rows != min(size, total - k * size):
             raise RaydiffError(f"{folder.uri(name)} holds {rows} images, not "
                                f"{min(size, total - k * size)}; rerun the same 'raydiff sample' "

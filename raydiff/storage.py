@@ -146,6 +146,23 @@ class Folder:
         return into
 
 
+def read_verified(path: str | Path, sha256: str | None = None, prefix: bytes = b"",
+                  what: str = "weights") -> tuple[bytes, str]:
+    """A local file's bytes, read once, and the sha256 of ``prefix`` + those bytes. With
+    ``sha256``, refused unless they hash to it: whatever is parsed from the bytes is what was
+    checked, never a file replaced after the check."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RaydiffError(f"cannot read the {what} {path}: {err.strerror or err}") from None
+    digest = hashlib.sha256(prefix + data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise RaydiffError(f"{path} changed after it was checked (sha256 {digest[:16]}..., "
+                           f"expected {sha256[:16]}...)")
+    return data, digest
+
+
 def latest_checkpoint_folder(location: str | Path, marker: str) -> str | None:
     """The ``checkpoint_<step>`` folder of a run folder with the highest step that holds
     ``marker`` (a file every complete checkpoint of its kind has), or None."""

@@ -147,11 +147,10 @@ def check_study(job: StudyJob) -> None:
         raise RaydiffError(f"--seeds must be distinct integers >= 0, got {list(job.seeds)}")
     if job.per_class < 2:
         raise RaydiffError(f"--per-class must be at least 2, got {job.per_class}")
-    for split in parquet.SPLITS:
-        parquet.check_split(job.data, split)
     from raydiff.train import prepare_job
 
-    prepare_job(_train_job(job), cluster=False)  # batch and data, before Ray starts
+    parquet.check_split(job.data, "reference")
+    prepare_job(_train_job(job), cluster=False)  # the training split and the batch
     if job.features == "inception" or job.features.startswith(CLASSIFIER_PREFIX):
         resolve_extractor(job.features, job.inception_weights, job.download)  # weights checked
     spec_path = job.dir / SPEC_FILE

@@ -386,7 +386,7 @@ def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.
     """Validate the request against the data, the storage and (``cluster``: Ray must be up)
     the cluster's resources; no worker starts."""
     info = parquet.load_info(job.data)
-    parquet.check_split(job.data, "train")
+    parquet.check_split(job.data, "train", info)
     job = dataclasses.replace(job, cfg=fit_config_to_data(job.cfg, info))
     check_batch(job, info)
     resumed = check_resume(job)

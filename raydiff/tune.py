@@ -192,13 +192,14 @@ def max_concurrent(workers_per_trial: int, cpus_per_worker: float,
     return max(1, fit_cpu)
 
 
-def build_tuner(job: SearchJob, restore: bool):
+def build_tuner(job: SearchJob, restore: bool, checked: tuple):
+    """The Tuner of a search whose trial job and objective were checked before Ray started:
+    ``checked`` is ``(train_job, info, spec, metric)`` (``run_search``)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    train_job, info, _ = prepare_job(_trial_job(job))
-    spec, metric = resolve_objective(job)
+    train_job, info, spec, metric = checked
     reference = reference_stats(job.data, spec.feature, job.reference_per_class, spec.weights,
                                 weights_sha256=spec.weights_sha256)
     train_job = dataclasses.replace(train_job, eval=spec, eval_reference=ray.put(reference))
@@ -210,7 +211,7 @@ def build_tuner(job: SearchJob, restore: bool):
     path = f"{job.storage.rstrip('/')}/{job.name}"
     if restore and tune.Tuner.can_restore(path):
         logger.info("resuming the search at %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True), metric
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     reports = max(1, job.max_steps // job.eval_every)
     scheduler = (ASHAScheduler(max_t=reports, grace_period=1, reduction_factor=2)
                  if job.scheduler == "asha" else FIFOScheduler())
@@ -224,7 +225,7 @@ def build_tuner(job: SearchJob, restore: bool):
                                         job.gpus_per_worker)),
         run_config=tune.RunConfig(name=job.name, storage_path=job.storage,
                                   failure_config=tune.FailureConfig(max_failures=1)))
-    return tuner, metric
+    return tuner
 
 
 def check_search(job: SearchJob) -> None:
@@ -237,18 +238,18 @@ def check_search(job: SearchJob) -> None:
     if job.trials < 1 or job.max_steps < 1 or not 1 <= job.eval_every <= job.max_steps:
         raise RaydiffError(f"need trials >= 1 and 1 <= eval_every ({job.eval_every}) <= "
                            f"max_steps ({job.max_steps})")
-    for split in parquet.SPLITS:
-        parquet.check_split(job.data, split)
+    parquet.check_split(job.data, "reference")  # the trial job checks the training split
 
 
 def run_search(job: SearchJob) -> dict[str, Any]:
     """Run (or resume) the search; write results.csv and best_config.json; return a summary."""
     check_search(job)
-    prepare_job(_trial_job(job), cluster=False)  # data, batch and config, before Ray starts
-    resolve_objective(job)  # the metric and the Inception weights, before Ray starts
+    # data, batch, config, the metric and the Inception weights, all before Ray starts
+    train_job, info, _ = prepare_job(_trial_job(job), cluster=False)
+    spec, metric = resolve_objective(job)
     init_ray(job.workers_per_trial * job.cpus_per_worker + 1)
-    check_resources(_trial_job(job))
-    tuner, metric = build_tuner(job, restore=True)
+    check_resources(train_job)
+    tuner = build_tuner(job, restore=True, checked=(train_job, info, spec, metric))
     grid = tuner.fit()
     return write_results(grid, job, metric)
 

@@ -117,10 +117,11 @@ def tiny_config_with(ctx, section: str, key: str, raw: str) -> Path:
     return config_file(ctx, json.dumps(data).replace('"@@"', raw), f"cfg-{key}.json")
 
 
-def evil_pickle(ctx) -> Path:
-    path = ctx.tmp / "evil.pth"
+def evil_pickle(folder: Path) -> Path:
+    """A weights file whose unpickling would create ``folder / MARKER``."""
+    path = folder / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"fc.weight": _Payload(ctx.tmp / MARKER)}, f)
+        pickle.dump({"fc.weight": _Payload(folder / MARKER)}, f)
     return path
 
 
@@ -331,9 +332,9 @@ CASES = [
     # weights files
     Case("evaluate --inception-weights pickle payload",
          lambda c: _evaluate(c, "--features", "inception", "--inception-weights",
-                             str(evil_pickle(c))), "is not a plain Inception state dict"),
+                             str(evil_pickle(c.tmp))), "is not a plain Inception state dict"),
     Case("tune --inception-weights pickle payload",
-         lambda c: _tune(c, "--inception-weights", str(evil_pickle(c))),
+         lambda c: _tune(c, "--inception-weights", str(evil_pickle(c.tmp))),
          "is not a plain Inception state dict"),
     Case("evaluate --inception-weights truncated",
          lambda c: _evaluate(c, "--features", "inception", "--inception-weights",
@@ -374,16 +375,6 @@ def tiny_samples(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def shapes32(tmp_path_factory) -> Path:
-    from raydiff.data.prepare import PrepareOptions, prepare_dataset
-
-    out = tmp_path_factory.mktemp("shapes32") / "shapes32"
-    prepare_dataset(PrepareOptions(source="shapes", out=out, resolution=32, num_classes=4,
-                                   images_per_class=4, imbalance_ratio=2.0))
-    return out
-
-
 @dataclass
 class Ctx:
     tmp: Path
@@ -401,14 +392,14 @@ def _tree(folder: Path) -> set[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_left(case, tmp_path, monkeypatch, capsys,
-                                                   shapes16_tiny, shapes32, tiny_checkpoint,
+                                                   shapes16_tiny, shapes_dataset, tiny_checkpoint,
                                                    tiny_samples, inception_weights):
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started: this check must run before Ray does")
 
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.setenv("RAY_ADDRESS", "")
-    ctx = Ctx(tmp=tmp_path, out=tmp_path / "out", data=shapes16_tiny, other_data=shapes32,
+    ctx = Ctx(tmp=tmp_path, out=tmp_path / "out", data=shapes16_tiny, other_data=shapes_dataset,
               ckpt=tiny_checkpoint, samples=tiny_samples, inception=inception_weights)
     argv = case.argv(ctx)  # broken inputs are made here, before the snapshot
     before = _tree(tmp_path)
@@ -498,7 +489,7 @@ def test_weights_replaced_after_the_check_are_refused(tiny_checkpoint, inception
     shutil.copy(inception_weights, weights)
     extractor = inception_extractor(weights, download=False)  # checked and hashed
     extractor.load()  # the same bytes: fine
-    evil = evil_pickle(type("C", (), {"tmp": tmp_path})())
+    evil = evil_pickle(tmp_path)
     shutil.copy(evil, weights)  # replaced on shared storage between check and use
     with pytest.raises(RaydiffError, match="changed after it was checked"):
         extractor.load()

@@ -192,21 +192,23 @@ def split_paths(dataset_dir: str | Path, split: str) -> list[str]:
     return [_join(dataset_dir, rel) for rel in load_info(dataset_dir).files[split]]
 
 
-def missing_files(dataset_dir: str | Path) -> list[str]:
-    """The shards ``dataset.json`` lists that are not there."""
+def missing_files(dataset_dir: str | Path, info: DatasetInfo | None = None) -> list[str]:
+    """The shards ``dataset.json`` (``info``, read if not given) lists that are not there."""
     fs, base = _filesystem(dataset_dir)
-    listed = [rel for split in SPLITS for rel in load_info(dataset_dir).files[split]]
+    info = info or load_info(dataset_dir)
+    listed = [rel for split in SPLITS for rel in info.files[split]]
     found = fs.get_file_info([f"{base}/{rel}" for rel in listed])
     return [rel for rel, f in zip(listed, found) if f.type != pafs.FileType.File]
 
 
-def check_split(dataset_dir: str | Path, split: str) -> None:
+def check_split(dataset_dir: str | Path, split: str, info: DatasetInfo | None = None) -> None:
     """Refuse, with one line naming the shard, a split whose shards are missing, are not
     readable Parquet, hold another number of rows than ``dataset.json`` says, or hold a label
     outside its classes. Reads only the footers (labels from the column statistics; the label
-    column itself where a footer has none): cheap enough to run before every job."""
+    column itself where a footer has none): cheap enough to run before every job. ``info`` is
+    the dataset's ``dataset.json``, read if not given."""
     _check_split(split)
-    info = load_info(dataset_dir)
+    info = info or load_info(dataset_dir)
     fs, base = _filesystem(dataset_dir)
     rows = 0
     for rel in info.files[split]:

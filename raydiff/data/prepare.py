@@ -148,33 +148,45 @@ def _check_options(options: PrepareOptions) -> None:
         raise RaydiffError(f"--imbalance-ratio must be a finite number >= 1, got {ratio}")
 
 
-def _default(value: int | None, default: int) -> int:
-    return default if value is None else value
+def content_options(options: PrepareOptions) -> dict:
+    """The options that decide a dataset's content, with every default filled in: what
+    ``build_source`` builds from, and what decides whether a prepared dataset can be reused."""
+    source = options.source
+    defaults = {"imbalance_ratio": _DEFAULT_IMBALANCE.get(source),
+                "resolution": _DEFAULT_RESOLUTION.get(source, _FILE_RESOLUTION)}
+    if source == "shapes":
+        defaults |= {"num_classes": shapes.DEFAULT_NUM_CLASSES,
+                     "images_per_class": shapes.DEFAULT_IMAGES_PER_CLASS}
+    elif source in cifar.LAYOUTS:
+        defaults["reference"] = "train"
+    elif source in imagefiles.LIST_LAYOUTS:
+        defaults["reference"] = "val"
+    names = ("source", "resolution", "imbalance_ratio", "seed", "num_classes",
+             "images_per_class", "reference")
+    values = {name: getattr(options, name) for name in names}
+    return {k: defaults.get(k) if v is None else v for k, v in values.items()}
 
 
-def build_source(options: PrepareOptions, resolution: int) -> BuiltSource:
+def build_source(options: PrepareOptions) -> BuiltSource:
     """Read (or draw) the source and cut its splits; nothing is written yet."""
-    source, seed = options.source, options.seed
-    ratio = options.imbalance_ratio
-    if ratio is None:
-        ratio = _DEFAULT_IMBALANCE.get(source)
+    c = content_options(options)
+    source, seed, ratio = c["source"], c["seed"], c["imbalance_ratio"]
     if source == "shapes":
         return shapes.build_shapes(
-            num_classes=_default(options.num_classes, shapes.DEFAULT_NUM_CLASSES),
-            images_per_class=_default(options.images_per_class, shapes.DEFAULT_IMAGES_PER_CLASS),
+            num_classes=c["num_classes"],
+            images_per_class=c["images_per_class"],
             imbalance_ratio=ratio,
-            resolution=resolution,
+            resolution=c["resolution"],
             seed=seed,
         )
     if source in cifar.LAYOUTS:
         return cifar.build_cifar(
-            source, options.root, imbalance_ratio=ratio, seed=seed,
-            reference=options.reference or "train",
+            source, options.root, imbalance_ratio=ratio, seed=seed, reference=c["reference"],
         )  # fmt: skip
     if source in imagefiles.LIST_LAYOUTS:
         return imagefiles.build_list_source(
             source, options.root, train_list=options.train_list,
-            reference_list=options.reference_list, reference=options.reference or "val",
+            reference_list=options.reference_list, reference=c["reference"],
             num_classes=options.num_classes,
         )  # fmt: skip
     return imagefiles.build_imagefolder(
@@ -276,33 +288,19 @@ def _write_dataset(
     return info
 
 
-def _content(options: PrepareOptions) -> dict:
-    """The options that decide a dataset's content, with the defaults filled in."""
-    source = options.source
-    defaults = {"imbalance_ratio": _DEFAULT_IMBALANCE.get(source)}
-    if source == "shapes":
-        defaults |= {"num_classes": shapes.DEFAULT_NUM_CLASSES,
-                     "images_per_class": shapes.DEFAULT_IMAGES_PER_CLASS}
-    values = {name: getattr(options, name) for name in
-              ("source", "imbalance_ratio", "seed", "num_classes", "images_per_class", "reference")}
-    values = {k: defaults.get(k) if v is None else v for k, v in values.items()}
-    values["resolution"] = options.resolution or _DEFAULT_RESOLUTION.get(source, _FILE_RESOLUTION)
-    return values
-
-
-def reuse_problem(out: str, options: PrepareOptions) -> str | None:
-    """Why the dataset at ``out`` (a folder or a URI) is not the complete dataset ``options``
-    ask for, or None when it is: same content options, every listed shard present."""
-    info = parquet.load_info(out)
+def reuse_problem(out: str, options: PrepareOptions, info: DatasetInfo) -> str | None:
+    """Why the dataset at ``out`` (a folder or a URI; ``info`` its dataset.json) is not the
+    complete dataset ``options`` ask for, or None when it is: same content options, every
+    listed shard present."""
     recorded = dict(info.build.get("options", {}), resolution=info.resolution)
     recorded["source"] = recorded.get("source", info.source)
-    had = _content(PrepareOptions(**{k: v for k, v in recorded.items()
+    had = content_options(PrepareOptions(**{k: v for k, v in recorded.items()
                                      if k in PrepareOptions.__dataclass_fields__ and k != "out"},
                                   out=Path(out)))
-    for name, asked in _content(options).items():
+    for name, asked in content_options(options).items():
         if had[name] != asked:
             return f"it holds --{name.replace('_', '-')} {had[name]}, not {asked}"
-    missing = parquet.missing_files(out)
+    missing = parquet.missing_files(out, info)
     return f"its shard {missing[0]} is missing" if missing else None
 
 
@@ -311,8 +309,8 @@ def prepare_dataset(options: PrepareOptions) -> DatasetInfo:
     _check_options(options)
     out = options.out.expanduser().absolute()
     _check_output(out, options.overwrite)
-    resolution = options.resolution or _DEFAULT_RESOLUTION.get(options.source, _FILE_RESOLUTION)
-    built = build_source(options, resolution)
+    resolution = content_options(options)["resolution"]
+    built = build_source(options)
     staging = _make_staging_dir(out)
     try:
         info = _write_dataset(built, options, resolution, staging)

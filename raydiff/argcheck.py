@@ -28,6 +28,7 @@ ZERO_ALLOWED = {
     "warmup_epochs",
     "crop_padding",  # 0 = no random crop
     "guidance",  # 0 = plain conditional sampling
+    "placement_timeout",  # 0 = refuse what the cluster cannot place now
 }
 MINIMUM = {"imbalance_ratio": 1}  # inclusive minimums of their own (n_max / n_min)
 

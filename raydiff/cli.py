@@ -66,6 +66,14 @@ def add_cluster_arguments(parser: argparse.ArgumentParser,
     group.add_argument("--cpus-per-worker", type=float, default=1.0)
     group.add_argument("--storage", default="runs",
                        help="run storage: a local/NFS path or s3://bucket/prefix (default: runs)")
+    group.add_argument("--autoscaler-config",
+                       help="the cluster's autoscaler config (cluster.yaml): requests its node "
+                            "types can never hold fail at once (default: "
+                            "$RAYDIFF_AUTOSCALER_CONFIG, else ~/ray_bootstrap_config.yaml)")
+    group.add_argument("--placement-timeout", type=float,
+                       help="seconds to wait for new nodes when the cluster cannot place the "
+                            "workers now; 0 refuses at once (default: $RAYDIFF_PLACEMENT_TIMEOUT, "
+                            "else 600 with an autoscaler config, 0 without)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -416,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if hasattr(args, "placement_timeout"):
+            from raydiff.cluster import configure
+
+            configure(args.autoscaler_config, args.placement_timeout)
         return int(args.func(args) or 0)
     except RaydiffError as err:
         print(f"raydiff: error: {err}", file=sys.stderr)

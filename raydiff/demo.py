@@ -215,7 +215,7 @@ def _write_report(report: DemoReport, data: str, checkpoint: str, samples: str,
 
 def run_demo(args: argparse.Namespace) -> DemoReport:
     from raydiff.cli import builtin_dataset
-    from raydiff.train import init_ray
+    from raydiff.cluster import init_ray
 
     if args.per_class < 2:
         raise RaydiffError(f"--per-class must be at least 2, got {args.per_class}")

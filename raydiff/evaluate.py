@@ -374,7 +374,7 @@ def _write_outputs(out: Folder, result: dict) -> None:
 
 def run_evaluation(job: EvalJob) -> dict:
     """Extract features, compute the metrics, write metrics.json and metrics.png."""
-    from raydiff.train import init_ray
+    from raydiff.cluster import init_ray
 
     manifest, info, paths = check_job(job)
     extractor = resolve_extractor(job.features, job.inception_weights, job.download)

@@ -579,7 +579,7 @@ def quiet(ds):
 
 def run_sampling(job: SampleJob) -> SampleResult:
     """Sample what ``job.out`` lacks, then write the requested export and the manifest."""
-    from raydiff.train import init_ray
+    from raydiff.cluster import init_ray
 
     run = prepare_run(job)
     manifest = claim_output(run)

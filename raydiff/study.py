@@ -479,7 +479,7 @@ def write_outputs(job: StudyJob, study: dict) -> None:
 
 def run_study(job: StudyJob) -> dict:
     """Train (or resume) every run, sample and evaluate each, write the study's files."""
-    from raydiff.train import init_ray
+    from raydiff.cluster import init_ray
 
     check_study(job)
     init_ray(max(job.workers_per_trial * job.cpus_per_worker, job.actors * job.cpus_per_actor))

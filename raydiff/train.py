@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import os
-import socket
+import posixpath
 import tempfile
 import time
 import warnings
@@ -28,6 +28,7 @@ import torch
 
 from raydiff import config as config_lib
 from raydiff.checkpoint import describe_mismatch
+from raydiff.cluster import check_placement, init_ray
 from raydiff.config import Config
 from raydiff.data import parquet
 from raydiff.data.resample import class_ranks, repeat_rates, resample_rows
@@ -76,9 +77,6 @@ def run_dir(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-_RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
 def _open_run_file(storage: str, name: str, filename: str):
     import pyarrow.fs as pafs
 
@@ -92,19 +90,20 @@ def _open_run_file(storage: str, name: str, filename: str):
 def _latest_registered(storage: str, name: str) -> tuple[str, int] | None:
     """(folder name, step) of the newest checkpoint Ray Train registered for a run.
 
-    Ray's checkpoint snapshot, not a directory listing, is the record of complete checkpoints
-    and of what Ray resumes from: a folder whose upload was cut short is never registered.
+    Ray's own record of a run (``ray.train.Result.from_path``), not a directory listing, says
+    which checkpoints are complete and what Ray resumes from: a folder whose upload was cut
+    short is never registered.
     """
+    from ray.train import Result
+
+    location = run_dir(storage, name)
     try:
-        with _open_run_file(storage, name, _RAY_SNAPSHOT) as stream:
-            snapshot = json.loads(stream.read())
-    except (FileNotFoundError, OSError):
+        result = Result.from_path(location if _is_uri(storage) else str(Path(location).resolve()))
+    except RuntimeError:  # no run folder, or no checkpoint registered in it yet
         return None
-    results = [r for r in snapshot.get("checkpoint_results", []) if "step" in r.get("metrics", {})]
-    if not results:
+    if result.checkpoint is None or "step" not in (result.metrics or {}):
         return None
-    latest = max(results, key=lambda r: r["metrics"]["step"])
-    return latest["checkpoint_dir_name"], int(latest["metrics"]["step"])
+    return posixpath.basename(result.checkpoint.path.rstrip("/")), int(result.metrics["step"])
 
 
 def find_latest_checkpoint(storage: str, name: str) -> str | None:
@@ -136,19 +135,10 @@ def check_resume(job: TrainJob) -> int:
 
 
 def check_resources(job: TrainJob) -> None:
-    """Fail before scheduling when the cluster can never place the workers."""
-    import ray
-
-    total = ray.cluster_resources()
-    gpus_needed = job.workers * job.gpus_per_worker
-    if gpus_needed > total.get("GPU", 0):
-        raise RaydiffError(f"{job.workers} workers x {job.gpus_per_worker} GPUs = {gpus_needed:g} "
-                           f"GPUs requested, but the cluster has {total.get('GPU', 0):g}")
-    cpus_needed = job.workers * job.cpus_per_worker
-    if cpus_needed > total.get("CPU", 0):
-        raise RaydiffError(f"{job.workers} workers x {job.cpus_per_worker} CPUs = "
-                           f"{cpus_needed:g} CPUs requested, but the cluster has "
-                           f"{total.get('CPU', 0):g}")
+    """Fail before scheduling when the cluster can never place the workers; wait while an
+    autoscaler adds the nodes for workers it can place (``raydiff.cluster``)."""
+    check_placement(f"{job.workers} workers", job.workers,
+                    {"CPU": job.cpus_per_worker, "GPU": job.gpus_per_worker})
 
 
 def check_batch(job: TrainJob, info: parquet.DatasetInfo) -> None:
@@ -349,7 +339,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
 def log_dir_for(storage: str, name: str) -> str:
     """Where rank 0 writes metrics.jsonl and TensorBoard events (local: inside the run)."""
     if _is_uri(storage):
-        return str(Path.home() / ".raydiff" / "runs" / name / "logs")
+        return f"{run_dir(storage, name)}/logs"
     return str(Path(run_dir(storage, name), "logs").resolve())
 
 

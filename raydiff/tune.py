@@ -13,8 +13,10 @@ that finished.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -28,7 +30,9 @@ from raydiff.data import parquet
 from raydiff.errors import RaydiffError
 from raydiff.metrics import GROUPS
 from raydiff.quickeval import EvalSpec, reference_stats
-from raydiff.train import TrainJob, build_trainer, check_resources, fit, init_ray, prepare_job
+from raydiff.storage import Folder
+from raydiff.cluster import init_ray
+from raydiff.train import TrainJob, build_trainer, check_resources, fit, prepare_job
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +47,52 @@ LOSS_METRICS = ("loss", "ddpm", "ucl", "al", "cbdm")
 SAMPLE_METRICS = ("copy_rate", "diversity")  # with their _head / _body / _tail versions
 
 
+FEATURE_PREFIX = {"fid": "inception", "fd_pixels": "pixels"}  # a distance names its space
+OBJECTIVE_FILE = "objective.json"
+_DRIVER_CPU = 0.01
+
+
 def metric_mode(metric: str) -> str:
     """Diversity is maximised; distances, losses and the copy rate are minimised."""
     return "max" if metric.startswith("diversity") else "min"
-_DRIVER_CPU = 0.01
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a search optimises: a metric and the feature space its samples are measured in."""
+    feature: str  # inception | pixels
+    metric: str  # a name every report carries, e.g. fid_tail
+
+    def __str__(self) -> str:
+        return f"{self.feature}:{self.metric}"
+
+
+def _reported(feature: str) -> list[str]:
+    prefix = "fid" if feature == "inception" else "fd_pixels"
+    groups = ("", *(f"_{g}" for g in GROUPS))
+    return [*(f"{prefix}{g}" for g in groups), *(f"{m}{g}" for m in SAMPLE_METRICS for g in groups),
+            *LOSS_METRICS]
+
+
+def parse_objective(text: str) -> Objective:
+    """``fid_tail`` / ``fd_pixels_tail`` (the space is in the name), ``FEATURES:METRIC`` for
+    the sample metrics measured in either space (``pixels:diversity_tail``), or a loss."""
+    feature, _, metric = text.rpartition(":")
+    known = list(dict.fromkeys(_reported("inception") + _reported("pixels")))
+    if metric not in known:
+        raise RaydiffError(f"--objective {text!r}: metric {metric!r} is never reported; choose "
+                           f"one of {', '.join(known)}")
+    if metric in LOSS_METRICS and not feature:
+        feature = "pixels"  # a loss needs no features; the reported distances use pixels
+    implied = next((space for prefix, space in FEATURE_PREFIX.items()
+                    if metric == prefix or metric.startswith(prefix + "_")), None)
+    feature = feature or implied or ""
+    if feature not in ("inception", "pixels"):
+        raise RaydiffError(f"--objective {text!r}: name the feature space, e.g. "
+                           f"inception:{metric} or pixels:{metric}")
+    if implied and implied != feature:
+        raise RaydiffError(f"--objective {text!r}: {metric} is measured in the {implied} space")
+    return Objective(feature, metric)
 
 
 @dataclass(frozen=True)
@@ -57,7 +103,7 @@ class SearchJob:
     name: str
     space: dict[str, dict[str, Any]]
     trials: int = 8
-    metric: str = "fid_tail"
+    objective: str = "fid_tail"
     scheduler: str = "asha"
     max_steps: int = 2000
     eval_every: int = 500
@@ -68,6 +114,7 @@ class SearchJob:
     eval_steps: int = 10
     reference_per_class: int = 100
     inception_weights: str | None = None
+    max_concurrent_trials: int | None = None  # None: as many as the cluster can hold
 
 
 # --- the search space -----------------------------------------------------------------------
@@ -132,28 +179,36 @@ def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # --- the objective --------------------------------------------------------------------------
 
 def resolve_objective(job: SearchJob) -> tuple[EvalSpec, str]:
-    """The feature space and the metric to optimise; offline, a metric needing no download."""
+    """The feature space and the metric to optimise, as ``--objective`` names them, checked
+    against the objective the search folder records (a resumed search keeps its objective)."""
     from raydiff.features import WeightsUnavailable, check_weights_file, resolve_weights
 
-    feature, weights, sha256 = "inception", None, None
-    try:
-        weights = str(resolve_weights(job.inception_weights))
-        sha256 = check_weights_file(weights)  # before any worker loads it, with this hash
-    except WeightsUnavailable as err:
-        feature = "pixels"
-        logger.warning("Inception weights unavailable (%s): the search uses Frechet distances "
-                       "of 8x8 pixel statistics (fd_pixels) instead of FID", err)
-    spec = EvalSpec(feature=feature, per_class=job.eval_per_class, steps=job.eval_steps,
-                    guidance=job.base.sample.guidance, weights=weights, weights_sha256=sha256)
-    reported = {spec.prefix, *(f"{spec.prefix}_{g}" for g in GROUPS), *LOSS_METRICS,
-                *(f"{m}{g}" for m in SAMPLE_METRICS for g in ("", *(f"_{g}" for g in GROUPS)))}
-    metric = job.metric
-    if metric.startswith("fid") and spec.prefix != "fid":
-        metric = metric.replace("fid", spec.prefix, 1)
-    if metric not in reported:
-        raise RaydiffError(f"metric {job.metric!r} is never reported; choose one of "
-                           f"{', '.join(sorted(reported))}")
-    return spec, metric
+    objective = parse_objective(job.objective)
+    folder = Folder(f"{job.storage.rstrip('/')}/{job.name}")
+    if folder.is_file(OBJECTIVE_FILE):
+        recorded = folder.read_json(OBJECTIVE_FILE).get("objective")
+        if recorded != str(objective):
+            raise RaydiffError(f"search {folder} optimises --objective {recorded}, not "
+                               f"{objective}: resume it with that objective or choose another "
+                               f"--name")
+    weights = sha256 = None
+    if objective.feature == "inception":
+        try:
+            weights = str(resolve_weights(job.inception_weights))
+            sha256 = check_weights_file(weights)  # before any worker loads it, with this hash
+        except WeightsUnavailable as err:
+            raise RaydiffError(f"--objective {objective} needs the Inception weights ({err}): "
+                               f"pass --inception-weights FILE, or optimise a pixel statistic "
+                               f"that needs none, e.g. --objective fd_pixels_tail") from None
+    spec = EvalSpec(feature=objective.feature, per_class=job.eval_per_class,
+                    steps=job.eval_steps, guidance=job.base.sample.guidance, weights=weights,
+                    weights_sha256=sha256)
+    return spec, objective.metric
+
+
+def record_objective(job: SearchJob, spec: EvalSpec, metric: str) -> None:
+    Folder(f"{job.storage.rstrip('/')}/{job.name}").write_json(
+        OBJECTIVE_FILE, {"objective": str(Objective(spec.feature, metric))})
 
 
 # --- the trial driver -----------------------------------------------------------------------
@@ -179,17 +234,17 @@ def _trial_job(job: SearchJob) -> TrainJob:
                     max_failures=1)
 
 
-def max_concurrent(workers_per_trial: int, cpus_per_worker: float,
-                   gpus_per_worker: float) -> int:
-    """Trials that fit at once; one CPU a trial is left over for its Ray Data tasks."""
-    import ray
+def max_concurrent(workers_per_trial: int, cpus_per_worker: float, gpus_per_worker: float,
+                   limit: int | None = None) -> int:
+    """Trials the cluster can run at once, at its largest when it autoscales
+    (``raydiff.cluster``); one CPU a trial is left over for its Ray Data tasks. At most
+    ``limit`` (``--max-concurrent-trials``)."""
+    from raydiff.cluster import potential_capacity
 
-    total = ray.cluster_resources()
-    per_trial_cpus = workers_per_trial * cpus_per_worker + 1
-    fit_cpu = int(total.get("CPU", 0) // per_trial_cpus)
-    if gpus_per_worker > 0:
-        fit_cpu = min(fit_cpu, int(total.get("GPU", 0) // (workers_per_trial * gpus_per_worker)))
-    return max(1, fit_cpu)
+    bundle = {"CPU": cpus_per_worker + 1 / workers_per_trial, "GPU": gpus_per_worker}
+    capacity = potential_capacity(bundle)
+    fit = max(1, (capacity or 0) // workers_per_trial)
+    return min(fit, limit) if limit else fit
 
 
 def build_tuner(job: SearchJob, restore: bool, checked: tuple):
@@ -222,7 +277,7 @@ def build_tuner(job: SearchJob, restore: bool, checked: tuple):
                                     num_samples=job.trials,
                                     max_concurrent_trials=max_concurrent(
                                         job.workers_per_trial, job.cpus_per_worker,
-                                        job.gpus_per_worker)),
+                                        job.gpus_per_worker, job.max_concurrent_trials)),
         run_config=tune.RunConfig(name=job.name, storage_path=job.storage,
                                   failure_config=tune.FailureConfig(max_failures=1)))
     return tuner
@@ -235,6 +290,10 @@ def check_search(job: SearchJob) -> None:
     if job.eval_per_class < 2:
         raise RaydiffError(f"--eval-per-class must be at least 2 (a class's diversity and a "
                            f"group's covariance need two images), got {job.eval_per_class}")
+    if job.max_concurrent_trials is not None and job.max_concurrent_trials < 1:
+        raise RaydiffError(f"--max-concurrent-trials must be at least 1, got "
+                           f"{job.max_concurrent_trials}")
+    parse_objective(job.objective)
     if job.trials < 1 or job.max_steps < 1 or not 1 <= job.eval_every <= job.max_steps:
         raise RaydiffError(f"need trials >= 1 and 1 <= eval_every ({job.eval_every}) <= "
                            f"max_steps ({job.max_steps})")
@@ -250,6 +309,7 @@ def run_search(job: SearchJob) -> dict[str, Any]:
     init_ray(job.workers_per_trial * job.cpus_per_worker + 1)
     check_resources(train_job)
     tuner = build_tuner(job, restore=True, checked=(train_job, info, spec, metric))
+    record_objective(job, spec, metric)
     grid = tuner.fit()
     return write_results(grid, job, metric)
 
@@ -278,17 +338,18 @@ def write_results(grid, job: SearchJob, metric: str) -> dict[str, Any]:
                                                    or k in LOSS_METRICS)}})
     sign = -1 if metric_mode(metric) == "max" else 1
     rows.sort(key=lambda r: (math.isnan(r[metric]), sign * r[metric]))
-    out = Path(job.storage) / job.name
+    out = Folder(f"{job.storage.rstrip('/')}/{job.name}")
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    out.write_bytes("results.csv", table.getvalue().encode("utf-8"))
     best = next((r for r in rows if not math.isnan(r[metric])), None)
     if best is None:
         raise RaydiffError(f"no trial reported {metric}; see {out}")
     best_cfg = config_lib.apply_overrides(job.base, {k: best[k] for k in job.space})
-    (out / "best_config.json").write_text(best_cfg.to_json())
+    out.write_bytes("best_config.json", best_cfg.to_json().encode("utf-8"))
     return {"metric": metric, "rows": rows, "best": best, "dir": str(out)}
 
 
@@ -318,9 +379,17 @@ def add_arguments(parser) -> None:
     add("--data", required=True, help="a prepared dataset")
     add("--space", help="search space file (YAML or JSON); default: alpha, gamma, t_align, tau")
     add("--trials", type=int, default=8, help="trials to sample (grid values multiply this)")
-    add("--metric", default="fid_tail",
-        help="objective (fid_tail, fid, fid_head, fid_body, copy_rate_tail, diversity_tail, "
-             "loss, ...); diversity is maximised, every other metric minimised")
+    add("--objective", default="fid_tail",
+        help="what to optimise: fid_tail, fid, fid_head, fid_body (Inception features: needs "
+             "the weights), fd_pixels_tail, ... (8x8 pixel statistics: no download), "
+             "FEATURES:METRIC for the sample metrics in either space (pixels:diversity_tail, "
+             "inception:copy_rate_tail), or a training loss (loss, ddpm, ucl, al). Diversity is "
+             "maximised, every other metric minimised. Recorded in the search folder: a resumed "
+             "search keeps it (default: fid_tail)")
+    add("--metric", dest="objective", help=argparse.SUPPRESS)  # the old spelling
+    add("--max-concurrent-trials", type=int,
+        help="run at most this many trials at once (default: as many as the cluster can hold, "
+             "at its largest when it autoscales)")
     add("--scheduler", default="asha", choices=("asha", "fifo"))
     add("--max-steps", type=int, default=2000, help="training steps per trial")
     add("--eval-every", type=int, help="steps between evaluations (default: max-steps / 4)")
@@ -337,12 +406,13 @@ def job_from_args(args, base: Config) -> SearchJob:
         validate_space(space, base, f"space file {args.space}")
     return SearchJob(
         data=args.data, base=base, storage=args.storage, name=args.name or f"{base.preset}-search",
-        space=space, trials=args.trials, metric=args.metric, scheduler=args.scheduler,
+        space=space, trials=args.trials, objective=args.objective, scheduler=args.scheduler,
         max_steps=args.max_steps, eval_every=args.eval_every or max(1, args.max_steps // 4),
         workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, eval_per_class=args.eval_per_class,
         eval_steps=args.eval_steps, reference_per_class=args.reference_per_class,
-        inception_weights=args.inception_weights)
+        inception_weights=args.inception_weights,
+        max_concurrent_trials=args.max_concurrent_trials)
 
 
 def run(args, base: Config) -> int:

@@ -106,6 +106,74 @@ def ray_head() -> RayHead:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class AutoscalingHead(RayHead):
+    autoscaler_config: Path  # the cluster-launcher config its autoscaler runs
+
+
+# A cluster like cluster.yaml's, in miniature: a head that advertises 0 CPUs (it schedules no
+# work), and one worker type the autoscaler starts on demand, from zero, up to 3 nodes.
+FAKE_WORKER_TYPE = {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0,
+                    "max_workers": 3}
+
+
+@pytest.fixture(scope="module")
+def autoscaling_head() -> AutoscalingHead:
+    """Ray's real autoscaler over its ``fake_multinode`` provider (worker nodes are local
+    raylets it starts and stops), started from zero worker nodes.
+
+    ``ray.cluster_utils.AutoscalingCluster`` does the same but reads a config file the wheel
+    does not ship and runs ``ray stop --force`` (every Ray on the machine); so its steps are
+    taken here, and exactly this cluster's processes are stopped at the end.
+    """
+    import json
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="raydiff-as-"))
+    port, dashboard_port = _free_port(), _free_port()
+    ip = "127.0.0.1"
+    config = {
+        # Nodes are not removed while the tests run: fake nodes share the head's session
+        # folder, and when an idle node was removed mid-search the job driver's working
+        # directory vanished from under it (on real nodes each has its own copy).
+        "cluster_name": "raydiff-fake", "max_workers": 3, "idle_timeout_minutes": 30,
+        "upscaling_speed": 1.0,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": f"{ip}:{port}"},
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu-2": FAKE_WORKER_TYPE,
+        },
+    }
+    config_file = temp_dir / "autoscaler.yaml"
+    config_file.write_text(json.dumps(config))  # JSON is YAML
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus=0",
+        f"--port={port}", f"--node-ip-address={ip}", f"--autoscaling-config={config_file}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    starter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True, env=env)
+    try:
+        output = starter.communicate(timeout=300)[0]
+        if starter.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{output}")
+        yield AutoscalingHead(gcs_address=f"{ip}:{port}",
+                              dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+                              temp_dir=temp_dir, autoscaler_config=config_file)
+    finally:
+        _stop_cluster(starter.pid, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_local(ray_head):
     """The test process connected to the session's Ray cluster; yields the ``ray`` module.

@@ -41,6 +41,11 @@ class _Payload:
 
 # --- the broken inputs, each made on demand in a fresh folder ---------------------------------
 
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -226,7 +231,19 @@ CASES = [
     Case("tune --max-steps 0", lambda c: _tune(c, "--max-steps", "0"), "--max-steps: 0"),
     Case("tune --eval-every above --max-steps", lambda c: _tune(c, "--eval-every", "8"),
          "eval_every (8)"),
-    Case("tune unknown --metric", lambda c: _tune(c, "--metric", "bogus"), "metric 'bogus'"),
+    Case("tune unknown --objective", lambda c: _tune(c, "--objective", "bogus"),
+         "metric 'bogus' is never reported"),
+    Case("tune --objective in the wrong space", lambda c: _tune(c, "--objective", "pixels:fid"),
+         "fid is measured in the inception space"),
+    Case("tune --max-concurrent-trials 0", lambda c: _tune(c, "--max-concurrent-trials", "0"),
+         "--max-concurrent-trials: 0"),
+    Case("train --placement-timeout -1", lambda c: _train(c, "--placement-timeout", "-1"),
+         "--placement-timeout: -1 is out of range"),
+    Case("train --autoscaler-config missing", lambda c: _train(
+        c, "--autoscaler-config", str(c.tmp / "cluster.yaml")), "cluster.yaml: No such file"),
+    Case("train --autoscaler-config without node types", lambda c: _train(
+        c, "--autoscaler-config", str(write(c.tmp / "c.yaml", "cluster_name: x\n"))),
+        "c.yaml has no available_node_types"),
     Case("evaluate --reference-per-class 0", lambda c: _evaluate(c, "--reference-per-class", "0"),
          "--reference-per-class: 0"),
     Case("evaluate --reference-per-class 1", lambda c: _evaluate(c, "--reference-per-class", "1"),

@@ -146,6 +146,8 @@ def test_kuberay_rayjob_runs_the_train_job_on_gpu_groups_with_s3():
     assert entry[0] == "python" and entry[1].endswith("/jobs/train.py")
     args = build_parser().parse_args(["train", *entry[2:]])  # flags raydiff accepts
     assert args.storage.startswith("s3://") and args.data.startswith("s3://") and args.name
+    # the worker groups start empty and the job cannot read their sizes: it waits for nodes
+    assert args.placement_timeout and args.placement_timeout >= 300
 
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"].startswith(RAY_VERSION + ".")

@@ -145,16 +145,25 @@ def test_bad_requests_fail_before_any_worker_starts(ray_local, shapes16, tmp_pat
 
 LOCAL_RAY_SCRIPT = """
 import os, ray
-from raydiff.train import init_ray
+from raydiff.cluster import init_ray
 init_ray(1)
+
+@ray.remote(num_cpus=0)
+class Marker:
+    def ping(self):
+        return True
+
+marker = Marker.options(name="only-in-this-cluster").remote()
+ray.get(marker.ping.remote())
 
 @ray.remote
 def state_api_from_a_worker():
     from ray.util.state import list_actors
-    list_actors()  # finds the cluster the way Ray Train's placement-group cleaner does
-    return os.environ["RAY_ADDRESS"]
+    # found the way Ray Train's placement-group cleaner finds the cluster
+    return [a.name for a in list_actors()], os.environ["RAY_API_SERVER_ADDRESS"]
 
-assert ray.get(state_api_from_a_worker.remote()) == ray.get_runtime_context().gcs_address
+names, url = ray.get(state_api_from_a_worker.remote())
+assert "only-in-this-cluster" in names and url.startswith("http://127.0.0.1:"), (names, url)
 print("ok")
 """
 

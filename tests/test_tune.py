@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,8 +15,8 @@ import pytest
 
 from raydiff import config as config_lib
 from raydiff.errors import RaydiffError
-from raydiff.tune import (DEFAULT_SPACE, SearchJob, load_space, resolve_objective, run_search,
-                          validate_space)
+from raydiff.tune import (DEFAULT_SPACE, SearchJob, load_space, parse_objective, record_objective,
+                          resolve_objective, run_search, validate_space)
 
 BASE = config_lib.resolve("tiny", overrides=[
     "optim.batch_size=16", "optim.warmup_steps=5", "sample.steps=4"])
@@ -61,20 +62,63 @@ def _offline(monkeypatch):
     monkeypatch.setattr(features, "resolve_weights", unavailable)
 
 
-def test_offline_objective_says_which_metric_it_uses(monkeypatch, caplog, tmp_path):
+@pytest.mark.parametrize("text,feature,metric", [
+    ("fid_tail", "inception", "fid_tail"),
+    ("fid", "inception", "fid"),
+    ("fd_pixels_tail", "pixels", "fd_pixels_tail"),
+    ("pixels:fd_pixels", "pixels", "fd_pixels"),
+    ("pixels:diversity_tail", "pixels", "diversity_tail"),
+    ("inception:copy_rate_tail", "inception", "copy_rate_tail"),
+    ("loss", "pixels", "loss"),
+    ("inception:ucl", "inception", "ucl"),
+])
+def test_objective_names_its_feature_space(text, feature, metric):
+    objective = parse_objective(text)
+    assert (objective.feature, objective.metric) == (feature, metric)
+    assert parse_objective(str(objective)) == objective
+
+
+@pytest.mark.parametrize("text,message", [
+    ("diversity_tail", "name the feature space, e.g. inception:diversity_tail"),
+    ("pixels:fid_tail", "fid_tail is measured in the inception space"),
+    ("inception:fd_pixels", "fd_pixels is measured in the pixels space"),
+    ("recall", "metric 'recall' is never reported"),
+    ("pixels:recall", "metric 'recall' is never reported"),
+    ("vgg:fid", "name the feature space"),
+])
+def test_bad_objective_is_refused_with_one_line(text, message):
+    with pytest.raises(RaydiffError, match=message):
+        parse_objective(text)
+
+
+def test_inception_objective_without_weights_is_refused_not_switched(monkeypatch, tmp_path):
     _offline(monkeypatch)
     job = SearchJob(data="unused", base=BASE, storage=str(tmp_path), name="s", space=DEFAULT_SPACE)
+    with pytest.raises(RaydiffError, match="needs the Inception weights .*--objective fd_pixels_tail"):
+        resolve_objective(job)
+    spec, metric = resolve_objective(dataclasses.replace(job, objective="fd_pixels_tail"))
+    assert (spec.feature, spec.weights, metric) == ("pixels", None, "fd_pixels_tail")
+
+
+def test_resumed_search_refuses_another_objective(tmp_path, inception_weights):
+    job = SearchJob(data="unused", base=BASE, storage=str(tmp_path), name="s", space=DEFAULT_SPACE,
+                    objective="fd_pixels_tail")
     spec, metric = resolve_objective(job)
-    assert (spec.feature, metric) == ("pixels", "fd_pixels_tail")
-    assert "fd_pixels" in caplog.text and "instead of FID" in caplog.text
-    with pytest.raises(RaydiffError, match="metric 'recall' is never reported"):
-        resolve_objective(SearchJob(data="unused", base=BASE, storage=str(tmp_path), name="s",
-                                    space=DEFAULT_SPACE, metric="recall"))
+    record_objective(job, spec, metric)
+    assert json.loads((tmp_path / "s" / "objective.json").read_text()) == {
+        "objective": "pixels:fd_pixels_tail"}
+    assert resolve_objective(dataclasses.replace(job, objective="pixels:fd_pixels_tail"))[1] == \
+        "fd_pixels_tail"  # the same objective, spelt out
+    other = dataclasses.replace(job, objective="fid_tail", inception_weights=str(inception_weights))
+    with pytest.raises(RaydiffError, match=r"optimises --objective pixels:fd_pixels_tail, not "
+                                           r"inception:fid_tail"):
+        resolve_objective(other)
 
 
 def _search(data, storage, name, **kw) -> SearchJob:
     return SearchJob(data=str(data), base=BASE, storage=str(storage), name=name,
-                     space=DEFAULT_SPACE, **{"trials": 4, "max_steps": 20, "eval_every": 5,
+                     **{"space": DEFAULT_SPACE, "trials": 4, "max_steps": 20, "eval_every": 5,
+                                             "objective": "fd_pixels_tail",
                                              "eval_per_class": 6, "eval_steps": 4,
                                              "reference_per_class": 24, **kw})
 
@@ -86,25 +130,31 @@ def _rows(storage: Path, name: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_search_stops_weak_trials_and_writes_a_usable_best_config(
-        ray_local, shapes16, tmp_path, monkeypatch):
-    _offline(monkeypatch)
-    summary = run_search(_search(shapes16, tmp_path, "asha"))
+        ray_local, shapes16, tmp_path):
+    # One trial at a time, so ASHA's decisions are reproducible: the learning rate that
+    # learns runs first and reaches every rung; the one that cannot learn (its network stays
+    # at its initial weights) has the higher loss at its first rungs and is stopped there.
+    space = {"optim.lr": {"grid": [2e-3, 1e-9]}}
+    summary = run_search(_search(shapes16, tmp_path, "asha", space=space, trials=1,
+                                 objective="loss", max_concurrent_trials=1))
     rows = _rows(tmp_path, "asha")
-    assert len(rows) == 4 and summary["metric"] == "fd_pixels_tail"
-    values = [float(r["fd_pixels_tail"]) for r in rows]
-    assert values == sorted(values), "the table is best first"
-    assert any(int(r["reports"]) < 4 for r in rows), "ASHA stopped no trial early"
-    assert {"loss", "fd_pixels", "loss.ucl_weight", "loss.t_align"} <= set(rows[0])
+    assert len(rows) == 2 and summary["metric"] == "loss"
+    assert [float(r["optim.lr"]) for r in rows] == [2e-3, 1e-9], "the table is best first"
+    assert float(rows[0]["loss"]) < float(rows[1]["loss"])
+    assert int(rows[0]["reports"]) == 4 and int(rows[1]["reports"]) < 4, \
+        "ASHA did not stop the trial that cannot learn"
+    assert {"fd_pixels_tail", "copy_rate_tail", "diversity_tail", "ddpm"} <= set(rows[0])
+    assert json.loads((tmp_path / "asha" / "objective.json").read_text()) == {
+        "objective": "pixels:loss"}
     best = config_lib.load_json(tmp_path / "asha" / "best_config.json")
-    assert best.loss.t_align == int(rows[0]["loss.t_align"])
-    assert best.loss.ucl_weight == pytest.approx(float(rows[0]["loss.ucl_weight"]))
+    assert best.optim.lr == 2e-3
     from raydiff.cli import main
 
     assert main(["train", "--config", str(tmp_path / "asha" / "best_config.json"),
                  "--data", str(shapes16), "--storage", str(tmp_path), "--name", "best",
                  "--set", "optim.total_steps=5", "--set", "train.log_every=5"]) == 0
     trained = config_lib.load_json(tmp_path / "best" / "checkpoint_000000005" / "config.json")
-    assert trained.loss == best.loss
+    assert trained.optim.lr == best.optim.lr
 
 
 def _terminated_trials(storage: Path, name: str) -> set[str]:
@@ -125,6 +175,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
            "TORCH_HOME": str(tmp_path / "no-weights")}
     cmd = [sys.executable, "-m", "raydiff.cli", "tune", "--data", str(shapes16),
            "--storage", str(tmp_path), "--name", "resume", "--scheduler", "fifo",
+           "--objective", "fd_pixels_tail",
            "--trials", "2", "--max-steps", "10", "--eval-every", "5", "--eval-per-class", "6",
            "--eval-steps", "4", "--reference-per-class", "24", "--preset", "tiny",
            "--set", "optim.batch_size=16", "--set", "optim.warmup_steps=5",

@@ -8,26 +8,21 @@ It takes the arguments of ``raydiff prepare`` and runs the same code on the node
 driver runs on (the head node, unless the submission asks for resources), so ``--root`` is a
 path there. ``--out`` may also be a URI (``s3://``, ``gs://``): the dataset is then built in a
 local temporary folder and uploaded, its ``dataset.json`` last, so a reader that finds that
-file finds every shard it lists. A job submitted again finds the complete dataset and keeps
-it, so a failed pipeline can simply be submitted again; a dataset there that was prepared with
-other content options (source, resolution, imbalance ratio, seed, classes, images per class,
-reference split) or lacks a shard is refused in one line (``--overwrite`` rebuilds it).
+file finds every shard it lists (``raydiff.data.prepare.upload_dataset``). A job submitted
+again finds the complete dataset and keeps it, so a failed pipeline can simply be submitted
+again; a dataset there that was prepared with other content options (source, resolution,
+imbalance ratio, seed, classes, images per class, reference split) or lacks a shard is refused
+in one line (``--overwrite`` rebuilds it).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import posixpath
 import sys
-import tempfile
-from pathlib import Path
-
-import pyarrow.fs as pafs
 
 from raydiff.cli import build_parser
 from raydiff.cli import main as raydiff_main
-from raydiff.data.parquet import INFO_FILE, load_info
+from raydiff.data.parquet import load_info
 from raydiff.data.prepare import options_from_args, reuse_problem
 from raydiff.errors import RaydiffError
 
@@ -47,23 +42,11 @@ def kept_dataset(argv: list[str], out: str) -> bool:
     return True
 
 
-def upload(local: str, uri: str) -> None:
-    """Copy a prepared dataset folder to ``uri``, its dataset.json last."""
-    fs, base = pafs.FileSystem.from_uri(uri)
-    if fs.get_file_info(f"{base}/{INFO_FILE}").type != pafs.FileType.NotFound:
-        fs.delete_file(f"{base}/{INFO_FILE}")  # an overwrite is incomplete until it ends
-    files = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
-    for relative in sorted(files, key=lambda f: f == INFO_FILE):
-        target = f"{base}/{relative}"
-        fs.create_dir(posixpath.dirname(target), recursive=True)
-        pafs.copy_files(os.path.join(local, relative), target, destination_filesystem=fs)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--out")
     parser.add_argument("--overwrite", action="store_true")
-    args, rest = parser.parse_known_args(argv)
+    args, _ = parser.parse_known_args(argv)
     if args.out is None or {"-h", "--help"} & set(argv):
         return raydiff_main(["prepare", *argv])  # its usage message or help
     try:
@@ -74,14 +57,9 @@ def main(argv: list[str]) -> int:
     if keep:
         print(f"{args.out} already holds a prepared dataset; keeping it (--overwrite rebuilds it)")
         return 0
-    if "://" not in args.out:
-        return raydiff_main(["prepare", *argv])
-    with tempfile.TemporaryDirectory(prefix="raydiff-prepare-") as staging:
-        local = os.path.join(staging, "dataset")
-        status = raydiff_main(["prepare", *rest, "--out", local])
-        if status == 0:
-            upload(local, args.out)
-            print(f"uploaded to {args.out}")
+    status = raydiff_main(["prepare", *argv])  # a URI --out is built locally and uploaded
+    if status == 0 and "://" in args.out:
+        print(f"uploaded to {args.out}")
     return status
 
 

@@ -194,6 +194,8 @@ def _report(trainer: ClassifierTrainer, metrics: dict, meta: dict | None,
             checkpoint = Checkpoint.from_directory(str(saved))
         if runlog is not None:
             runlog.write(metrics, trainer.total_steps)
+            if meta is not None:
+                runlog.sync()  # object storage: the logs so far, uploaded with the checkpoint
         name = f"checkpoint_{trainer.step:09d}" if meta is not None else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
@@ -317,7 +319,8 @@ def write_results(out: str, results: dict) -> None:
 
 def run_classify(job: ClassifyJob) -> dict:
     """Check, train (or resume, or reuse a finished run), evaluate; returns results.json."""
-    from raydiff.train import check_resources, find_latest_checkpoint, fit, init_ray
+    from raydiff.cluster import init_ray
+    from raydiff.train import check_resources, find_latest_checkpoint, fit
 
     start = time.monotonic()
     plan = prepare_classify(job)  # bad input fails here, before Ray starts

@@ -196,6 +196,7 @@ def _add_sample(subparsers) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from raydiff.evaluate import CHART_FILE, METRICS_FILE, EvalJob, run_evaluation
+    from raydiff.storage import Folder
     from raydiff.report import metrics_table
 
     job = EvalJob(
@@ -216,9 +217,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print("classifier top-1 on the generated images: " + ", ".join(
             f"{name} {group['top1']:.3f}" for name, group in groups.items()
             if group["top1"] is not None))
-    out = Path(args.out or args.samples)
-    print(f"reference features: cache {result['reference_cache']}; wrote {out / METRICS_FILE} "
-          f"and {out / CHART_FILE}")
+    out = Folder(args.out or args.samples)
+    print(f"reference features: cache {result['reference_cache']}; wrote "
+          f"{out.uri(METRICS_FILE)} and {out.uri(CHART_FILE)}")
     return 0
 
 

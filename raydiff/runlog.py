@@ -1,12 +1,22 @@
 """What a training run leaves for people: metrics.jsonl, TensorBoard events, sample grids,
-and a one-line progress report with an ETA. Written by rank 0 only."""
+and a one-line progress report with an ETA. Written by rank 0 only.
+
+The log folder is ``<run>/logs`` in the run's storage. On a local path or NFS the files are
+written there directly; in object storage (a URI) they are written into a local staging folder
+and uploaded whole (``raydiff.storage.Folder``) at every checkpoint (``sync``) and at ``close``,
+so ``tensorboard --logdir s3://...`` shows a finished run. The staging folder starts with the
+run's ``metrics.jsonl`` from storage, so a resumed run continues its history; TensorBoard event
+files of earlier sessions stay in storage under their own names.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +28,7 @@ from PIL import Image
 from raydiff.config import Config
 from raydiff.diffusion import GaussianDiffusion
 from raydiff.samplers import sample_images, to_uint8
+from raydiff.storage import Folder, is_uri
 
 logger = logging.getLogger("raydiff.train")
 
@@ -38,8 +49,13 @@ class RunLog:
         from tensorboardX import SummaryWriter
 
         _ensure_console_logging()
-        self.dir = Path(log_dir)
+        # in object storage: written here, uploaded by sync(); locally: written in place
+        self.remote = Folder(log_dir) if is_uri(log_dir) else None
+        self.dir = Path(tempfile.mkdtemp(prefix="raydiff-logs-") if self.remote else log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.synced: dict[str, tuple[int, int]] = {}  # name: (size, mtime) last uploaded
+        if self.remote and self.remote.is_file("metrics.jsonl"):
+            self.remote.download(["metrics.jsonl"], self.dir)
         (self.dir / "config.json").write_text(cfg.to_json())
         self.metrics = (self.dir / "metrics.jsonl").open("a")
         self.tb = SummaryWriter(str(self.dir))
@@ -74,9 +90,27 @@ class RunLog:
         self.metrics.write(json.dumps({"time": time.time(), "error": message}) + "\n")
         self.metrics.flush()
 
+    def sync(self) -> None:
+        """Upload each file of the staging folder that changed since the last upload, whole
+        (an object appears only when its upload completes); nothing to do on local storage."""
+        if self.remote is not None:
+            self.metrics.flush()
+            self.tb.flush()
+            self._upload()
+
+    def _upload(self) -> None:
+        for path in sorted(self.dir.iterdir()):
+            stat = path.stat()
+            if path.is_file() and self.synced.get(path.name) != (stat.st_size, stat.st_mtime_ns):
+                self.remote.write_bytes(path.name, path.read_bytes())
+                self.synced[path.name] = (stat.st_size, stat.st_mtime_ns)
+
     def close(self) -> None:
         self.metrics.close()
         self.tb.close()
+        if self.remote is not None:
+            self._upload()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

@@ -265,6 +265,8 @@ def _report(engine: Engine, metrics: dict, is_ckpt: bool, counts: list[int],
             ckpt = Checkpoint.from_directory(os.path.join(tmp, "ckpt"))
         if runlog is not None:
             runlog.write(metrics, engine.cfg.optim.total_steps)
+            if is_ckpt:
+                runlog.sync()  # object storage: the logs so far, uploaded with the checkpoint
         ray.train.report(metrics, checkpoint=ckpt,
                          checkpoint_dir_name=f"checkpoint_{step:09d}" if is_ckpt else None)
 
@@ -337,39 +339,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
 # --- the driver -----------------------------------------------------------------------------
 
 def log_dir_for(storage: str, name: str) -> str:
-    """Where rank 0 writes metrics.jsonl and TensorBoard events (local: inside the run)."""
+    """Where rank 0's metrics.jsonl and TensorBoard events go: ``<run>/logs`` in the storage
+    (a URI: staged on its node and uploaded at every checkpoint, ``raydiff.runlog``)."""
     if _is_uri(storage):
         return f"{run_dir(storage, name)}/logs"
     return str(Path(run_dir(storage, name), "logs").resolve())
-
-
-def init_ray(num_cpus_hint: float | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray sized for this machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    # Locally, workers reserve CPUs that Ray Data's decode tasks also need: leave one over.
-    cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_hint or 0)) + 1)
-    # Ray Train's placement-group cleaner finds its cluster through RAY_ADDRESS, or else by
-    # scanning the machine, which fails when another Ray runs beside this one; it then leaks
-    # each finished run's placement group, and a later run waits forever for those CPUs.
-    # So the local head starts on a port chosen here, and every worker is told its address.
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node as it starts
-    try:
-        ray.init(num_cpus=cpus, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
-    finally:
-        del os.environ["RAY_GCS_SERVER_PORT"]
-    if ray.get_runtime_context().gcs_address != address:
-        raise RuntimeError(f"local Ray started at {ray.get_runtime_context().gcs_address}, "
-                           f"not at {address}")
 
 
 def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.DatasetInfo, int]:

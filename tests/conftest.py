@@ -39,6 +39,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# S3: the suite's own endpoint and dummy credentials, set before any Ray starts, so the
+# session's `ray start` and every worker it spawns inherit them; the `s3_bucket` fixture starts
+# a real S3 API server (moto) there. A developer's AWS settings never reach a real bucket.
+S3_PORT = _free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "raydiff-test",
+    "AWS_SECRET_ACCESS_KEY": "raydiff-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no credential lookups against an EC2 endpoint
+})
+
+
 def _cluster_pids(session_id: int, temp_dir: Path) -> list[int]:
     """Processes of one `ray start`: its session, plus job drivers (their own session) by cwd."""
     pids = []
@@ -203,6 +216,41 @@ def ray_dashboard_url(ray_head) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(tmp_path_factory) -> str:
+    """A bucket on a real S3 API server (moto's, a subprocess on the suite's S3 port); yields
+    ``s3://<bucket>``. The server is stopped at the end of the session."""
+    from urllib.parse import urlsplit
+
+    import pyarrow.fs as pafs
+
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=urlsplit(os.environ["AWS_ENDPOINT_URL"]).netloc,
+                               scheme="http", allow_bucket_creation=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fs.create_dir("raydiff-test")
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not answer:\n{log.read_text()}")
+                time.sleep(0.2)
+        yield "s3://raydiff-test"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def _cifar_pixels(n: int, seed: int) -> np.ndarray:

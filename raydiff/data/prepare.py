@@ -20,6 +20,7 @@ is always a complete dataset.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -27,6 +28,7 @@ import math
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -45,6 +47,7 @@ from raydiff.data.parquet import (
     write_split,
 )
 from raydiff.errors import RaydiffError
+from raydiff.storage import Folder, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add = parser.add_argument
     add("source", choices=SOURCES, help="which dataset to build")
-    add("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
+    add("--out", required=True,
+        help="output folder (must not exist or be empty), or an s3:// / gs:// URI (built in a "
+             "local temporary folder, then uploaded)")
     add("--root", type=Path, help="input folder: CIFAR pickles, image root, or class tree")
     add("--imbalance-ratio", type=float, help="n_max / n_min (cifar 100, shapes 10, tree: no cut)")
     add("--resolution", type=int, help="output side in pixels (cifar/shapes 32, others 64)")
@@ -123,7 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> PrepareOptions:
     fields = PrepareOptions.__dataclass_fields__
-    return PrepareOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    # a URI --out is built in a local folder and uploaded (``run``); its text is args.out
+    return PrepareOptions(**{**options, "out": Path(options["out"])})
 
 
 def _check_options(options: PrepareOptions) -> None:
@@ -343,10 +350,33 @@ def summary(info: DatasetInfo, out: Path, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def upload_dataset(local: Path, uri: str) -> None:
+    """Copy a prepared dataset folder to object storage, each file whole, ``dataset.json``
+    last: a reader that finds it finds every shard it lists."""
+    folder = Folder(uri)
+    folder.delete(INFO_FILE)  # an overwrite is incomplete until it ends
+    files = sorted((p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
+                   key=lambda name: (name == INFO_FILE, name))
+    for relative in files:
+        with folder.writing_file(relative) as tmp:
+            shutil.copyfile(local / relative, tmp)
+
+
 def run(args: argparse.Namespace) -> int:
-    """The CLI entry point: prepare, then print a short summary."""
+    """The CLI entry point: prepare, then print a short summary. An ``--out`` URI is built
+    in a local temporary folder and uploaded (``upload_dataset``)."""
+    uri = str(args.out)
     options = options_from_args(args)
     start = time.perf_counter()
-    info = prepare_dataset(options)
-    print(summary(info, options.out, time.perf_counter() - start))
+    if not is_uri(uri):
+        info = prepare_dataset(options)
+        print(summary(info, options.out, time.perf_counter() - start))
+        return 0
+    if Folder(uri).is_file(INFO_FILE) and not options.overwrite:
+        raise RaydiffError(f"--out {uri} holds a prepared dataset (pass --overwrite to replace it)")
+    with tempfile.TemporaryDirectory(prefix="raydiff-prepare-") as staging:
+        local = Path(staging) / "dataset"
+        info = prepare_dataset(dataclasses.replace(options, out=local, overwrite=False))
+        upload_dataset(local, uri)
+    print(summary(info, uri, time.perf_counter() - start))
     return 0

@@ -109,6 +109,7 @@ class Folder:
             with atomic_path(final) as tmp:
                 tmp.write_bytes(data)
             return
+        self._parent_folder(relative)
         with self.fs.open_output_stream(self.path(relative)) as stream:
             stream.write(data)
 
@@ -127,7 +128,13 @@ class Folder:
         with tempfile.TemporaryDirectory() as tmp_dir:
             tmp = Path(tmp_dir) / posixpath.basename(relative)
             yield tmp
+            self._parent_folder(relative)
             pafs.copy_files(str(tmp), self.path(relative), destination_filesystem=self.fs)
+
+    def _parent_folder(self, relative: str) -> None:
+        """A ``file://`` URI's local filesystem needs the folders an object store does not."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.create_dir(posixpath.dirname(self.path(relative)), recursive=True)
 
     def delete(self, relative: str) -> None:
         try:

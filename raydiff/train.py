@@ -101,6 +101,8 @@ def _latest_registered(storage: str, name: str) -> tuple[str, int] | None:
         result = Result.from_path(location if _is_uri(storage) else str(Path(location).resolve()))
     except RuntimeError:  # no run folder, or no checkpoint registered in it yet
         return None
+    except ValueError:  # Ray's record read while Ray rewrote it: the run is still going
+        return None
     if result.checkpoint is None or "step" not in (result.metrics or {}):
         return None
     return posixpath.basename(result.checkpoint.path.rstrip("/")), int(result.metrics["step"])

@@ -64,9 +64,9 @@ def run_job(dashboard_url: str, script: str, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def dataset_uri(ray_dashboard_url, tmp_path_factory) -> str:
-    """A dataset prepared by jobs/prepare.py and uploaded to a URI (file://: no S3 here)."""
-    uri = (tmp_path_factory.mktemp("bucket") / "datasets" / "shapes16").as_uri()
+def dataset_uri(ray_dashboard_url, s3_bucket) -> str:
+    """A dataset prepared by jobs/prepare.py and uploaded to the test's S3 server (moto)."""
+    uri = f"{s3_bucket}/jobs/datasets/shapes16"
     logs = run_job(ray_dashboard_url, "jobs/prepare.py", "shapes", "--out", uri,
                    "--resolution", "16", "--num-classes", "4", "--images-per-class", "48",
                    "--imbalance-ratio", "4", "--workers", "1")

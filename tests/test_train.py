@@ -137,7 +137,8 @@ def test_resume_checks_and_nan_stop(ray_local, shapes16, tmp_path):
 def test_bad_requests_fail_before_any_worker_starts(ray_local, shapes16, tmp_path):
     with pytest.raises(RaydiffError, match="does not exist; run 'raydiff prepare' first"):
         prepare_job(job(tmp_path / "nowhere", tmp_path, "x"))
-    with pytest.raises(RaydiffError, match=r"GPUs requested, but the cluster has 0"):
+    with pytest.raises(RaydiffError, match=r"2 workers: 2 x \(1 CPUs \+ 1 GPUs\) requested, but "
+                                           r"the cluster has .*0 GPUs and room for 0"):
         prepare_job(job(shapes16, tmp_path, "x", gpus_per_worker=1.0))
     with pytest.raises(RaydiffError, match="does not split evenly over 3 workers"):
         prepare_job(job(shapes16, tmp_path, "x", workers=3))

@@ -42,7 +42,11 @@ def _free_port() -> int:
 # S3: the suite's own endpoint and dummy credentials, set before any Ray starts, so the
 # session's `ray start` and every worker it spawns inherit them; the `s3_bucket` fixture starts
 # a real S3 API server (moto) there. A developer's AWS settings never reach a real bucket.
-S3_PORT = _free_port()
+# The port stays bound by this process (not listening) until the server starts: the Ray
+# clusters the suite starts before then cannot take it.
+_S3_RESERVATION = socket.socket()
+_S3_RESERVATION.bind(("127.0.0.1", 0))
+S3_PORT = _S3_RESERVATION.getsockname()[1]
 os.environ.update({
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
     "AWS_ACCESS_KEY_ID": "raydiff-test",
@@ -146,8 +150,8 @@ def autoscaling_head() -> AutoscalingHead:
     ip = "127.0.0.1"
     config = {
         # Nodes are not removed while the tests run: fake nodes share the head's session
-        # folder, and when an idle node was removed mid-search the job driver's working
-        # directory vanished from under it (on real nodes each has its own copy).
+        # folder (on real nodes each has its own), and what one node's agents clean up there
+        # another may still be using.
         "cluster_name": "raydiff-fake", "max_workers": 3, "idle_timeout_minutes": 30,
         "upscaling_speed": 1.0,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
@@ -227,6 +231,7 @@ def s3_bucket(tmp_path_factory) -> str:
     import pyarrow.fs as pafs
 
     log = tmp_path_factory.mktemp("moto") / "moto.log"
+    _S3_RESERVATION.close()
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],

@@ -4,6 +4,10 @@ The placement arithmetic is checked without Ray; then jobs are submitted with `r
 to Ray's real autoscaler over its ``fake_multinode`` provider (``autoscaling_head`` in
 tests/conftest.py): a 0-CPU head like cluster.yaml's and one 2-CPU worker type at
 ``min_workers: 0``, so every CPU a job uses comes from a node the autoscaler adds for it.
+The jobs run the scripts where they are installed (as the KubeRay image does) rather than from
+an uploaded working directory: the fake nodes share one session folder, where one node's
+runtime-env agent deleted a working directory another node's job was still using
+(`--working-dir` uploads are tested on the session's cluster, tests/test_jobs.py).
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def test_train_job_from_zero_worker_nodes_and_a_request_no_node_type_holds(
     started = time.monotonic()
     job_id, _ = submit(head.dashboard_url, "jobs/train.py", "--data", str(shapes16),
                        "--storage", str(tmp_path), "--name", "huge", "--preset", "tiny",
-                       "--workers", "4", "--cpus-per-worker", "3", *flags)
+                       "--workers", "4", "--cpus-per-worker", "3", *flags, working_dir=False)
     logs = wait(head.dashboard_url, job_id, expected="FAILED")
     assert time.monotonic() - started < 120
     refusal = [line for line in logs.splitlines() if "error:" in line]
@@ -100,7 +104,7 @@ def test_train_job_from_zero_worker_nodes_and_a_request_no_node_type_holds(
     job_id, _ = submit(head.dashboard_url, "jobs/train.py", "--data", str(shapes16),
                        "--storage", str(tmp_path), "--name", "scaled", "--preset", "tiny",
                        "--workers", "2", *flags, *[a for o in TINY for a in ("--set", o)],
-                       "--set", "optim.total_steps=10")
+                       "--set", "optim.total_steps=10", working_dir=False)
     logs = wait(head.dashboard_url, job_id)
     assert "trained scaled: step 10" in logs
     assert find_latest_checkpoint(str(tmp_path), "scaled").endswith("checkpoint_000000010")
@@ -119,7 +123,7 @@ def test_tune_job_runs_its_trials_on_nodes_the_autoscaler_adds(autoscaling_head,
         "--objective", "fd_pixels_tail", "--max-steps", "10", "--eval-every", "5",
         "--eval-per-class", "4", "--eval-steps", "4", "--reference-per-class", "12",
         "--autoscaler-config", str(head.autoscaler_config),
-        *[a for o in TINY for a in ("--set", o)])
+        *[a for o in TINY for a in ("--set", o)], working_dir=False)
     logs = wait(head.dashboard_url, job_id)
     assert "best config:" in logs
     with (tmp_path / "search" / "results.csv").open() as f:

@@ -29,13 +29,17 @@ TINY = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
         "train.ckpt_every=10", "train.preview_per_class=0", "sample.steps=4"]
 
 
-def submit(dashboard_url: str, script: str, *args: str) -> tuple[str, str]:
+def submit(dashboard_url: str, script: str, *args: str,
+           working_dir: bool = True) -> tuple[str, str]:
     """`ray job submit --working-dir . -- python jobs/...`, as the README says; returns the
-    submission id and the command's output."""
+    submission id and the command's output. Without ``working_dir`` the job runs the script
+    where it is installed, as the KubeRay image does."""
     submission_id = f"raydiff-test-{uuid.uuid4().hex[:8]}"
+    upload = ["--working-dir", "."] if working_dir else []
     command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
-               "--address", dashboard_url, "--working-dir", ".", "--submission-id", submission_id,
-               "--no-wait", "--", sys.executable, script, *args]
+               "--address", dashboard_url, *upload, "--submission-id", submission_id,
+               "--no-wait", "--", sys.executable,
+               script if working_dir else str(REPO / script), *args]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return submission_id, done.stdout + done.stderr

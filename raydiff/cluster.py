@@ -162,17 +162,22 @@ def current_capacity(bundle: dict[str, float]) -> int:
     return sum(_fits(node["Resources"], bundle) for node in ray.nodes() if node.get("Alive"))
 
 
-def potential_capacity(bundle: dict[str, float]) -> int | None:
-    """Bundles the cluster holds at its largest: its node types' when it autoscales; None
-    when a worker type leaves its resources to be detected from the instance type."""
-    config = _autoscaler_config()
-    now = current_capacity(bundle)
-    if config is None:
-        return now
+def _node_types_capacity(config: str, bundle: dict[str, float]) -> int | None:
+    """Bundles the largest cluster of a config's node types holds; None when a worker type
+    leaves its resources to be detected from the instance type."""
     types, max_workers, head = load_node_types(config)
     if any(not t.resources for t in types if t.name != head):
         return None
-    return max(now, largest_placement(types, max_workers, head, bundle))
+    return largest_placement(types, max_workers, head, bundle)
+
+
+def potential_capacity(bundle: dict[str, float]) -> int:
+    """Bundles the cluster holds at its largest: its node types' when it autoscales (and
+    they are known), else its alive nodes'."""
+    now = current_capacity(bundle)
+    config = _autoscaler_config()
+    ever = _node_types_capacity(config, bundle) if config else None
+    return now if ever is None else max(now, ever)
 
 
 def check_placement(what: str, count: int, bundle: dict[str, float]) -> None:
@@ -189,8 +194,8 @@ def check_placement(what: str, count: int, bundle: dict[str, float]) -> None:
     config = _autoscaler_config()
     timeout = _settings.placement_timeout
     if config is not None:
-        ever = potential_capacity(bundle)
-        if ever is not None and ever < count:
+        ever = _node_types_capacity(config, bundle)
+        if ever is not None and max(now, ever) < count:
             raise RaydiffError(f"{request} requested, but the node types of {config} can "
                                f"place at most {ever} such bundles")
         timeout = DEFAULT_WAIT_S if timeout is None else timeout

@@ -128,8 +128,18 @@ class Folder:
         with tempfile.TemporaryDirectory() as tmp_dir:
             tmp = Path(tmp_dir) / posixpath.basename(relative)
             yield tmp
-            self._parent_folder(relative)
-            pafs.copy_files(str(tmp), self.path(relative), destination_filesystem=self.fs)
+            self.put_file(tmp, relative)
+
+    def put_file(self, source: Path, relative: str) -> None:
+        """Copy a local file to ``relative``, whole (streamed, not read into memory)."""
+        if self.local:
+            final = self.local / relative
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(final) as tmp:
+                shutil.copyfile(source, tmp)
+            return
+        self._parent_folder(relative)
+        pafs.copy_files(str(source), self.path(relative), destination_filesystem=self.fs)
 
     def _parent_folder(self, relative: str) -> None:
         """A ``file://`` URI's local filesystem needs the folders an object store does not."""

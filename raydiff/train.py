@@ -12,7 +12,6 @@ restarted from the latest checkpoint up to ``max_failures`` times.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import posixpath
@@ -36,6 +35,7 @@ from raydiff.engine import Engine, NonFiniteLossError, step_seed
 from raydiff.errors import RaydiffError
 from raydiff.quickeval import EvalSpec, QuickEval
 from raydiff.runlog import RunLog, save_class_grid
+from raydiff.storage import Folder, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -69,22 +69,8 @@ def fit_config_to_data(cfg: Config, info: parquet.DatasetInfo) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def run_dir(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
-
-
-def _open_run_file(storage: str, name: str, filename: str):
-    import pyarrow.fs as pafs
-
-    path = f"{run_dir(storage, name)}/{filename}"
-    if _is_uri(storage):
-        fs, inner = pafs.FileSystem.from_uri(path)
-        return fs.open_input_stream(inner)
-    return open(path, "rb")
 
 
 def _latest_registered(storage: str, name: str) -> tuple[str, int] | None:
@@ -98,7 +84,7 @@ def _latest_registered(storage: str, name: str) -> tuple[str, int] | None:
 
     location = run_dir(storage, name)
     try:
-        result = Result.from_path(location if _is_uri(storage) else str(Path(location).resolve()))
+        result = Result.from_path(location if is_uri(storage) else str(Path(location).resolve()))
     except RuntimeError:  # no run folder, or no checkpoint registered in it yet
         return None
     except ValueError:  # Ray's record read while Ray rewrote it: the run is still going
@@ -127,8 +113,8 @@ def check_resume(job: TrainJob) -> int:
     if latest is None:
         return 0
     dir_name, step = latest
-    with _open_run_file(job.storage, job.name, f"{dir_name}/config.json") as stream:
-        found = config_lib.from_dict(json.loads(stream.read()))
+    found = config_lib.from_dict(Folder(run_dir(job.storage, job.name)).read_json(
+        f"{dir_name}/config.json"))
     diffs = describe_mismatch(found.model, job.cfg.model)
     if diffs:
         raise RaydiffError(f"cannot resume run {job.name!r} from {dir_name} with data "
@@ -343,7 +329,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
 def log_dir_for(storage: str, name: str) -> str:
     """Where rank 0's metrics.jsonl and TensorBoard events go: ``<run>/logs`` in the storage
     (a URI: staged on its node and uploaded at every checkpoint, ``raydiff.runlog``)."""
-    if _is_uri(storage):
+    if is_uri(storage):
         return f"{run_dir(storage, name)}/logs"
     return str(Path(run_dir(storage, name), "logs").resolve())
 
@@ -367,7 +353,7 @@ def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | No
                            ScalingConfig)
     from ray.train.torch import TorchTrainer
 
-    storage = job.storage if _is_uri(job.storage) else str(Path(job.storage).resolve())
+    storage = job.storage if is_uri(job.storage) else str(Path(job.storage).resolve())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -29,9 +29,9 @@ from raydiff.config import Config
 from raydiff.data import parquet
 from raydiff.errors import RaydiffError
 from raydiff.metrics import GROUPS
-from raydiff.quickeval import EvalSpec, reference_stats
-from raydiff.storage import Folder
+from raydiff.quickeval import FEATURES, EvalSpec, reference_stats
 from raydiff.cluster import init_ray
+from raydiff.storage import Folder
 from raydiff.train import TrainJob, build_trainer, check_resources, fit, prepare_job
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ LOSS_METRICS = ("loss", "ddpm", "ucl", "al", "cbdm")
 SAMPLE_METRICS = ("copy_rate", "diversity")  # with their _head / _body / _tail versions
 
 
-FEATURE_PREFIX = {"fid": "inception", "fd_pixels": "pixels"}  # a distance names its space
+FEATURE_PREFIX = {EvalSpec(f).prefix: f for f in FEATURES}  # a distance names its space
 OBJECTIVE_FILE = "objective.json"
 _DRIVER_CPU = 0.01
 
@@ -68,7 +68,7 @@ class Objective:
 
 
 def _reported(feature: str) -> list[str]:
-    prefix = "fid" if feature == "inception" else "fd_pixels"
+    prefix = EvalSpec(feature).prefix
     groups = ("", *(f"_{g}" for g in GROUPS))
     return [*(f"{prefix}{g}" for g in groups), *(f"{m}{g}" for m in SAMPLE_METRICS for g in groups),
             *LOSS_METRICS]
@@ -87,7 +87,7 @@ def parse_objective(text: str) -> Objective:
     implied = next((space for prefix, space in FEATURE_PREFIX.items()
                     if metric == prefix or metric.startswith(prefix + "_")), None)
     feature = feature or implied or ""
-    if feature not in ("inception", "pixels"):
+    if feature not in FEATURES:
         raise RaydiffError(f"--objective {text!r}: name the feature space, e.g. "
                            f"inception:{metric} or pixels:{metric}")
     if implied and implied != feature:
@@ -115,6 +115,11 @@ class SearchJob:
     reference_per_class: int = 100
     inception_weights: str | None = None
     max_concurrent_trials: int | None = None  # None: as many as the cluster can hold
+
+    @property
+    def location(self) -> str:
+        """The search folder: Tune's state, trials, results, best config, objective."""
+        return f"{self.storage.rstrip('/')}/{self.name}"
 
 
 # --- the search space -----------------------------------------------------------------------
@@ -184,7 +189,7 @@ def resolve_objective(job: SearchJob) -> tuple[EvalSpec, str]:
     from raydiff.features import WeightsUnavailable, check_weights_file, resolve_weights
 
     objective = parse_objective(job.objective)
-    folder = Folder(f"{job.storage.rstrip('/')}/{job.name}")
+    folder = Folder(job.location)
     if folder.is_file(OBJECTIVE_FILE):
         recorded = folder.read_json(OBJECTIVE_FILE).get("objective")
         if recorded != str(objective):
@@ -207,7 +212,7 @@ def resolve_objective(job: SearchJob) -> tuple[EvalSpec, str]:
 
 
 def record_objective(job: SearchJob, spec: EvalSpec, metric: str) -> None:
-    Folder(f"{job.storage.rstrip('/')}/{job.name}").write_json(
+    Folder(job.location).write_json(
         OBJECTIVE_FILE, {"objective": str(Objective(spec.feature, metric))})
 
 
@@ -242,8 +247,7 @@ def max_concurrent(workers_per_trial: int, cpus_per_worker: float, gpus_per_work
     from raydiff.cluster import potential_capacity
 
     bundle = {"CPU": cpus_per_worker + 1 / workers_per_trial, "GPU": gpus_per_worker}
-    capacity = potential_capacity(bundle)
-    fit = max(1, (capacity or 0) // workers_per_trial)
+    fit = max(1, potential_capacity(bundle) // workers_per_trial)
     return min(fit, limit) if limit else fit
 
 
@@ -263,7 +267,7 @@ def build_tuner(job: SearchJob, restore: bool, checked: tuple):
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, setup={"job": train_job, "info": info}),
         {"CPU": _DRIVER_CPU})
-    path = f"{job.storage.rstrip('/')}/{job.name}"
+    path = job.location
     if restore and tune.Tuner.can_restore(path):
         logger.info("resuming the search at %s", path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -338,7 +342,7 @@ def write_results(grid, job: SearchJob, metric: str) -> dict[str, Any]:
                                                    or k in LOSS_METRICS)}})
     sign = -1 if metric_mode(metric) == "max" else 1
     rows.sort(key=lambda r: (math.isnan(r[metric]), sign * r[metric]))
-    out = Folder(f"{job.storage.rstrip('/')}/{job.name}")
+    out = Folder(job.location)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns)

@@ -35,10 +35,10 @@ def test_repository_cluster_yaml_node_types_and_their_largest_placement():
     by_name = {t.name: t for t in types}
     assert head == "head" and by_name["head"].resources == {"CPU": 0.0}
     assert by_name["gpu-1x"].resources == {"CPU": 8.0, "GPU": 1.0}
-    # 8 GPU workers of 8 CPUs: 2 nodes of 8 GPUs, or 8 of 1, depending on max_workers
-    one_gpu = {"CPU": 8.0, "GPU": 1.0}
-    capacity = largest_placement(types, max_workers, head, one_gpu)
-    assert capacity == min(max_workers, 2) * 8 + max(0, min(max_workers - 2, 8)) * 1
+    # workers of 1 GPU and 8 CPUs: 2 gpu-8x nodes hold 8 each, and the cluster's other
+    # 8 worker nodes (max_workers: 10) are gpu-1x nodes holding 1 each
+    assert max_workers == 10
+    assert largest_placement(types, max_workers, head, {"CPU": 8.0, "GPU": 1.0}) == 2 * 8 + 8
     assert largest_placement(types, max_workers, head, {"CPU": 1.0, "GPU": 9.0}) == 0
 
 

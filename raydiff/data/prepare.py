@@ -358,8 +358,7 @@ def upload_dataset(local: Path, uri: str) -> None:
     files = sorted((p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
                    key=lambda name: (name == INFO_FILE, name))
     for relative in files:
-        with folder.writing_file(relative) as tmp:
-            shutil.copyfile(local / relative, tmp)
+        folder.put_file(local / relative, relative)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,8 +27,8 @@ import torch
 from raydiff import config as config_lib
 from raydiff.data.dataset import SplitDataset
 from raydiff.data.prepare import PrepareOptions, prepare_dataset
+from raydiff.distributed.train import TrainJob, run_training
 from raydiff.engine import Engine
-from raydiff.train import TrainJob, run_training
 
 
 def plain_images_per_s(cfg: config_lib.Config, data: Path, warmup: int) -> float:

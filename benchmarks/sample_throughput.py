@@ -32,8 +32,9 @@ import torch
 from raydiff import config as config_lib
 from raydiff.data.images import encode_png_batch
 from raydiff.diffusion import GaussianDiffusion
+from raydiff.distributed.sample import SampleJob, prepare_run, resolve_checkpoint, run_sampling
 from raydiff.engine import Engine, load_for_sampling
-from raydiff.sample import SampleJob, prepare_run, resolve_checkpoint, run_sampling, sample_aligned
+from raydiff.samplers import sample_aligned
 
 
 def fresh_checkpoint(preset: str, folder: Path) -> str:

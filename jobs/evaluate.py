@@ -2,7 +2,7 @@
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/evaluate.py --samples s3://BUCKET/raydiff/samples/c10-ccua \
-        --reference s3://BUCKET/raydiff/datasets/cifar10-lt --groups --per-class \
+        --data s3://BUCKET/raydiff/datasets/cifar10-lt --groups --per-class-fid \
         --inception-weights /shared/weights-inception-2015-12-05-6726825d.pth \
         --actors 4 --gpus-per-actor 1
 
@@ -22,7 +22,6 @@ import sys
 from sample import location_error  # jobs/sample.py: the script's folder is on sys.path
 
 from raydiff.cli import main
-
 
 
 def features_location_error(argv: list[str]) -> str | None:

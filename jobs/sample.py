@@ -3,7 +3,7 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/sample.py --checkpoint s3://BUCKET/raydiff/c10-ccua \
         --out s3://BUCKET/raydiff/samples/c10-ccua --per-class 5000 \
-        --actors 8 --gpus-per-actor 1 --forward-batch 256 --batch-size 1024
+        --actors 8 --gpus-per-actor 1 --forward-batch 256 --actor-batch 1024
 
 It takes the arguments of ``raydiff sample`` and runs the same code. ``--checkpoint`` and
 ``--out`` must be URIs (``s3://``, ``gs://``) or absolute paths that every node shares: the

@@ -2,7 +2,7 @@
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/tune.py --data s3://BUCKET/raydiff/datasets/cifar10-lt --preset cifar32 \
-        --trials 16 --max-steps 20000 --workers-per-trial 1 --gpus-per-worker 1 \
+        --trials 16 --steps 20000 --workers 1 --gpus-per-worker 1 \
         --storage s3://BUCKET/raydiff/searches --name c10-ccua-search
 
 It takes the arguments of ``raydiff tune`` and runs the same code. ``--storage`` (a URI or an

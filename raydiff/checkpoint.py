@@ -9,17 +9,17 @@ Layout of a checkpoint folder::
     optimizer.pt         optimizer state dict, read back with torch.load(weights_only=True)
 
 A folder is written under a temporary name and renamed when complete, so a crash never
-leaves a half-written checkpoint that looks valid.
+leaves a half-written checkpoint that looks valid. The helpers below (tensors as safetensors,
+optimizer state read with ``weights_only=True``, a run folder's latest checkpoint) serve the
+classifier checkpoints of ``raydiff.classifier`` too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from raydiff import config as config_lib
 from raydiff.config import Config, ModelConfig
 from raydiff.errors import RaydiffError
-from raydiff.storage import read_verified
+from raydiff.storage import Folder, atomic_path, latest_checkpoint_folder, read_verified
 
 FORMAT_VERSION = 1
 _REQUIRED = ("config.json", "state.json", "model.safetensors", "ema.safetensors")
@@ -51,25 +51,64 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def write_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """A state dict as one safetensors file (contiguous CPU copies)."""
+    save_file(_contiguous(state), str(path))
+
+
+def read_tensors(where: str | Path, sha256: str | None = None, prefix: bytes = b"",
+                 what: str = "checkpoint weights",
+                 device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str]:
+    """One safetensors file, read once: its tensors and the sha256 of ``prefix`` + the bytes
+    they were parsed from. With ``sha256``, refused unless they hash to it (a file replaced
+    after it was checked is never used)."""
+    where = Path(where)
+    data, digest = read_verified(where, sha256, prefix=prefix, what=what)
+    try:
+        tensors = load_bytes(data)
+    except (SafetensorError, ValueError) as err:
+        raise RaydiffError(f"checkpoint {where.parent} has unreadable weights: {where.name}: "
+                           f"{str(err).splitlines()[0]}") from None
+    return {k: v.to(device) for k, v in tensors.items()}, digest
+
+
+def read_optimizer(where: str | Path, device: str | torch.device = "cpu") -> dict:
+    """An optimizer state dict, read with ``weights_only=True``: tensors and plain
+    containers only, never arbitrary objects."""
+    try:
+        return torch.load(where, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RaydiffError(f"{where} refused: it holds more than tensors "
+                           f"({str(err).splitlines()[0]})") from None
+
+
+def resolve_checkpoint(location: str | Path, marker: str) -> str:
+    """A checkpoint folder (path or URI) as given when it holds ``marker`` (a file every
+    complete checkpoint of its kind has), else the ``checkpoint_<step>`` with the highest step
+    of a run folder, else ``location`` itself (for its reader to say what it lacks)."""
+    folder = Folder(location)
+    if not folder.is_file(marker):
+        latest = latest_checkpoint_folder(location, marker)
+        if latest is not None:
+            return latest
+    return folder.location
+
+
 def save_checkpoint(path: str | Path, cfg: Config, step: int, model: dict, ema: dict,
                     optimizer: dict | None = None) -> Path:
-    """Write a checkpoint folder atomically (temporary sibling, then rename)."""
+    """Write a checkpoint folder whole (a temporary sibling, renamed when complete)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
         (tmp / "config.json").write_text(cfg.to_json())
         (tmp / "state.json").write_text(json.dumps({"step": step, "format": FORMAT_VERSION}))
-        save_file(_contiguous(model), tmp / "model.safetensors")
-        save_file(_contiguous(ema), tmp / "ema.safetensors")
+        write_tensors(tmp / "model.safetensors", model)
+        write_tensors(tmp / "ema.safetensors", ema)
         if optimizer is not None:
             torch.save(optimizer, tmp / "optimizer.pt")
         if path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -106,17 +145,8 @@ def read_step(path: str | Path) -> int:
 
 def read_weights(path: str | Path, name: str, sha256: str | None = None,
                  device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str]:
-    """One safetensors file of a checkpoint, read once: its tensors and the sha256 of the bytes
-    they were parsed from. With ``sha256``, refused unless those bytes hash to it (a file
-    replaced after it was checked is never used)."""
-    where = Path(path) / name
-    data, digest = read_verified(where, sha256, what="checkpoint weights")
-    try:
-        tensors = load_bytes(data)
-    except (SafetensorError, ValueError) as err:
-        raise RaydiffError(f"checkpoint {path} has unreadable weights: {where.name}: "
-                           f"{str(err).splitlines()[0]}") from None
-    return {k: v.to(device) for k, v in tensors.items()}, digest
+    """One safetensors file of a checkpoint folder (``read_tensors``)."""
+    return read_tensors(Path(path) / name, sha256, device=device)
 
 
 def load_checkpoint(path: str | Path, expected: ModelConfig | None = None,
@@ -132,20 +162,5 @@ def load_checkpoint(path: str | Path, expected: ModelConfig | None = None,
     ema, _ = read_weights(path, "ema.safetensors", device=device)
     optimizer = None
     if with_optimizer and (path / "optimizer.pt").is_file():
-        # weights_only=True: tensors and plain containers only, never arbitrary objects.
-        try:
-            optimizer = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise RaydiffError(f"{path / 'optimizer.pt'} refused: it holds more than tensors "
-                               f"({str(err).splitlines()[0]})") from None
+        optimizer = read_optimizer(path / "optimizer.pt", device)
     return Checkpoint(cfg=cfg, step=int(step), model=model, ema=ema, optimizer=optimizer)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The ``checkpoint_<step>`` folder with the highest step under ``run_dir``, if any."""
-    candidates = []
-    for child in Path(run_dir).glob("checkpoint_*"):
-        suffix = child.name.removeprefix("checkpoint_")
-        if child.is_dir() and suffix.isdigit() and (child / "state.json").is_file():
-            candidates.append((int(suffix), child))
-    return max(candidates)[1] if candidates else None

@@ -1,8 +1,8 @@
 """A torchvision ResNet classifier for long-tailed data: config, network, one training step,
 checkpoints, top-1 by class group, and its penultimate layer as an evaluation feature space.
 
-No Ray here: ``train_classifier`` trains in a notebook, ``raydiff.classify`` runs the same
-``ClassifierTrainer`` steps in Ray Train workers.
+No Ray here: ``train_classifier`` trains in a notebook, ``raydiff.distributed.classify`` runs
+the same ``ClassifierTrainer`` steps in Ray Train workers.
 
 Recipe (defaults): the standard long-tail recognition one for CIFAR-LT (LDAM-DRW, Cao et al.
 2019; the BBN and MiSLAS code bases share it): SGD with momentum 0.9, weight decay 5e-4,
@@ -24,29 +24,26 @@ data it came from), ``model.safetensors`` and ``optimizer.pt`` (read back with
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import pickle
-import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from raydiff.config import _coerce
+from raydiff import checkpoint as checkpoint_lib
+from raydiff.checkpoint import read_optimizer, read_tensors, write_tensors
+from raydiff.config import ClassifierConfig
 from raydiff.engine import NonFiniteLossError, step_seed
 from raydiff.errors import RaydiffError
 from raydiff.metrics import GROUPS, SHOT_GROUPS, class_groups, shot_groups
-from raydiff.storage import Folder, atomic_path, latest_checkpoint_folder, local_copy, read_verified
+from raydiff.storage import Folder, atomic_path, local_copy
 
 KIND = "raydiff-classifier"
 FORMAT_VERSION = 1
@@ -54,7 +51,6 @@ META_FILE = "classifier.json"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SMALL_STEM_MAX = 64  # images up to this side get the 3x3 stride-1 stem and no max-pool
-REFERENCE_BATCH = 128  # lr = 0.1 at this batch size (linear scaling)
 
 # name: (torchvision block, blocks per stage, width_per_group). resnet10 is not in
 # torchvision's zoo: resnet18 with one block per stage, for the demo's seconds-long training.
@@ -65,78 +61,6 @@ ARCHS: dict[str, tuple[type, tuple[int, ...], int]] = {
     "resnet50": (tv_resnet.Bottleneck, (3, 4, 6, 3), 64),
     "wide_resnet50_2": (tv_resnet.Bottleneck, (3, 4, 6, 3), 128),
 }
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """A classifier run. ``fit_to_data`` fills in the fields that come from the dataset."""
-
-    arch: str = "resnet18"
-    width: int = 64  # stem channels; stages are width, 2, 4, 8 x width (torchvision: 64)
-    num_classes: int = 10  # from the dataset
-    resolution: int = 32  # from the dataset
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per channel, in [0, 1]: of the real train split
-    std: tuple[float, ...] = (0.25, 0.25, 0.25)
-    epochs: int = 200
-    batch_size: int = 128  # global, split across workers
-    lr: float = 0.0  # 0: 0.1 * batch_size / 128
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 5.0  # linear warm-up, then cosine decay towards 0
-    crop_padding: int = -1  # random-crop zero padding in px; -1: resolution // 8 (4 at 32 px)
-    hflip: bool = True
-    seed: int = 0  # initial weights, epoch order, augmentation
-    ckpt_every: int = 1  # epochs between checkpoints (the last epoch always gets one)
-    num_to_keep: int = 2  # checkpoints kept on storage
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}"),
-            (self.width >= 1, "width", ">= 1"),
-            (self.num_classes >= 2, "num_classes", ">= 2"),
-            (self.resolution >= 8, "resolution", ">= 8"),
-            (len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "std",
-             "3 positive values (mean: 3 values)"),
-            (self.epochs >= 1, "epochs", ">= 1"),
-            (self.batch_size >= 2, "batch_size", ">= 2 (BatchNorm needs two images)"),
-            (self.lr >= 0, "lr", ">= 0 (0: 0.1 * batch_size / 128)"),
-            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay", ">= 0"),
-            (0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
-             f"in [0, epochs={self.epochs}) (pass --warmup-epochs)"),
-            (self.crop_padding >= -1, "crop_padding", ">= 0, or -1 for resolution // 8"),
-            (self.ckpt_every >= 1, "ckpt_every", ">= 1"),
-            (self.num_to_keep >= 1, "num_to_keep", ">= 1"),
-        ]
-        for ok, key, expected in checks:
-            if not ok:
-                raise RaydiffError(f"classifier {key}={getattr(self, key)!r} is invalid: "
-                                   f"expected {expected}")
-
-    @property
-    def base_lr(self) -> float:
-        return self.lr or 0.1 * self.batch_size / REFERENCE_BATCH
-
-    @property
-    def padding(self) -> int:
-        return self.resolution // 8 if self.crop_padding < 0 else self.crop_padding
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        """From ``to_dict`` output (JSON); unknown keys and wrong types are errors."""
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(set(data) - set(hints))
-        if unknown:
-            raise RaydiffError(f"unknown classifier config key {unknown[0]!r}: expected one of "
-                               f"{', '.join(hints)}")
-        return cls(**{k: _coerce(v, hints[k], f"classifier {k}") for k, v in data.items()})
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], ...]:
@@ -375,8 +299,7 @@ def save_classifier(path: str | Path, cfg: ClassifierConfig, step: int, weights:
     with atomic_path(path) as tmp:
         tmp.mkdir()
         (tmp / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
-                  tmp / WEIGHTS_FILE)
+        write_tensors(tmp / WEIGHTS_FILE, weights)
         if optimizer is not None:
             torch.save(optimizer, tmp / OPTIMIZER_FILE)
     return path
@@ -386,7 +309,8 @@ def read_meta(path: str | Path) -> dict:
     """classifier.json of a checkpoint folder, after checking the folder is one."""
     folder = Folder(path)
     if not folder.is_file(META_FILE):
-        raise RaydiffError(f"{path} is not a raydiff classifier checkpoint (no {META_FILE})")
+        raise RaydiffError(f"{path} is neither a classifier checkpoint (no {META_FILE}) nor a "
+                           "'raydiff classify' run folder with one")
     meta = folder.read_json(META_FILE)
     if meta.get("kind") != KIND or "config" not in meta:
         raise RaydiffError(f"{folder.uri(META_FILE)} is not a raydiff classifier checkpoint")
@@ -404,20 +328,11 @@ def load_classifier(path: str | Path, with_optimizer: bool = False,
     it: they are parsed from the very bytes that were hashed."""
     path = Path(path)
     meta = read_meta(path)
-    data, _ = read_verified(path / WEIGHTS_FILE, sha256, prefix=_config_bytes(meta["config"]),
-                            what="classifier weights")
-    try:
-        weights = {k: v.to(device) for k, v in load_bytes(data).items()}
-    except (SafetensorError, ValueError) as err:
-        raise RaydiffError(f"checkpoint {path} has unreadable weights: "
-                           f"{str(err).splitlines()[0]}") from None
+    weights, _ = read_tensors(path / WEIGHTS_FILE, sha256, prefix=_config_bytes(meta["config"]),
+                              what="classifier weights", device=device)
     optimizer = None
     if with_optimizer and (path / OPTIMIZER_FILE).is_file():
-        try:
-            optimizer = torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise RaydiffError(f"{path / OPTIMIZER_FILE} refused: it holds more than tensors "
-                               f"({str(err).splitlines()[0]})") from None
+        optimizer = read_optimizer(path / OPTIMIZER_FILE, device)
     return ClassifierCheckpoint(ClassifierConfig.from_dict(meta["config"]), int(meta["step"]),
                                 weights, optimizer, meta)
 
@@ -433,16 +348,9 @@ def config_differences(found: ClassifierConfig, wanted: ClassifierConfig,
 
 
 def resolve_checkpoint(location: str | Path) -> str:
-    """A checkpoint folder as given, or the ``checkpoint_<step>`` with the highest step of a
-    run folder (``raydiff classify --out``)."""
-    folder = Folder(location)
-    if folder.is_file(META_FILE):
-        return folder.location
-    latest = latest_checkpoint_folder(location, META_FILE)
-    if latest is None:
-        raise RaydiffError(f"{location} is neither a classifier checkpoint (no {META_FILE}) nor "
-                           "a 'raydiff classify' run folder with one")
-    return latest
+    """A classifier checkpoint folder as given, or the latest one of a run folder
+    (``raydiff classify --out``)."""
+    return checkpoint_lib.resolve_checkpoint(location, META_FILE)
 
 
 def _config_bytes(config: dict) -> bytes:
@@ -452,12 +360,7 @@ def _config_bytes(config: dict) -> bytes:
 
 def checkpoint_sha256(location: str | Path) -> str:
     """What the features depend on: the weights' bytes and the config (normalisation)."""
-    folder = Folder(location)
-    digest = hashlib.sha256(_config_bytes(read_meta(location)["config"]))
-    with folder.fs.open_input_stream(folder.path(WEIGHTS_FILE)) as stream:
-        while block := stream.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+    return Folder(location).sha256([WEIGHTS_FILE], _config_bytes(read_meta(location)["config"]))
 
 
 # --- evaluation -------------------------------------------------------------------------------

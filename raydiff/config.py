@@ -447,3 +447,80 @@ def resolve(preset_name: str = "cifar32", config_file: str | None = None,
     cfg = load_json(config_file) if config_file else preset(preset_name)
     return apply_overrides(cfg, parse_overrides(overrides or []))
 
+
+# --- the downstream classifier (``raydiff classify``; the network is raydiff.classifier's) ------
+
+CLASSIFIER_ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "wide_resnet50_2")
+REFERENCE_BATCH = 128  # lr = 0.1 at this batch size (linear scaling)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """A classifier run. ``fit_to_data`` fills in the fields that come from the dataset."""
+
+    arch: str = "resnet18"
+    width: int = 64  # stem channels; stages are width, 2, 4, 8 x width (torchvision: 64)
+    num_classes: int = 10  # from the dataset
+    resolution: int = 32  # from the dataset
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per channel, in [0, 1]: of the real train split
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    epochs: int = 200
+    batch_size: int = 128  # global, split across workers
+    lr: float = 0.0  # 0: 0.1 * batch_size / 128
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 5.0  # linear warm-up, then cosine decay towards 0
+    crop_padding: int = -1  # random-crop zero padding in px; -1: resolution // 8 (4 at 32 px)
+    hflip: bool = True
+    seed: int = 0  # initial weights, epoch order, augmentation
+    ckpt_every: int = 1  # epochs between checkpoints (the last epoch always gets one)
+    num_to_keep: int = 2  # checkpoints kept on storage
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.arch in CLASSIFIER_ARCHS, "arch", f"one of {', '.join(CLASSIFIER_ARCHS)}"),
+            (self.width >= 1, "width", ">= 1"),
+            (self.num_classes >= 2, "num_classes", ">= 2"),
+            (self.resolution >= 8, "resolution", ">= 8"),
+            (len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "std",
+             "3 positive values (mean: 3 values)"),
+            (self.epochs >= 1, "epochs", ">= 1"),
+            (self.batch_size >= 2, "batch_size", ">= 2 (BatchNorm needs two images)"),
+            (self.lr >= 0, "lr", ">= 0 (0: 0.1 * batch_size / 128)"),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+             f"in [0, epochs={self.epochs}) (pass --warmup-epochs)"),
+            (self.crop_padding >= -1, "crop_padding", ">= 0, or -1 for resolution // 8"),
+            (self.ckpt_every >= 1, "ckpt_every", ">= 1"),
+            (self.num_to_keep >= 1, "num_to_keep", ">= 1"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise RaydiffError(f"classifier {key}={getattr(self, key)!r} is invalid: "
+                                   f"expected {expected}")
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr or 0.1 * self.batch_size / REFERENCE_BATCH
+
+    @property
+    def padding(self) -> int:
+        return self.resolution // 8 if self.crop_padding < 0 else self.crop_padding
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
+        """From ``to_dict`` output (JSON); unknown keys and wrong types are errors."""
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(data) - set(hints))
+        if unknown:
+            raise RaydiffError(f"unknown classifier config key {unknown[0]!r}: expected one of "
+                               f"{', '.join(hints)}")
+        return cls(**{k: _coerce(v, hints[k], f"classifier {k}") for k, v in data.items()})

@@ -6,6 +6,9 @@ torch-fidelity's ``inception-v3-compat`` (TF-compatible InceptionV3, docs/METHOD
 without network they must be given as a file (``--inception-weights``), and
 ``resolve_weights`` says so in one line (``WeightsUnavailable``) instead of a traceback.
 
+``pixels`` (the cheap space of a hyperparameter search's objective, ``raydiff.quickeval``):
+images area-resized to 8x8, as vectors in [0, 1]; no weights, no logits.
+
 ``classifier:CKPT`` (``--features``) uses a ``raydiff classify`` checkpoint instead, best one
 trained on the balanced reference split (``--split reference``): its penultimate layer is the
 feature space of FID, KID and P/R, a domain-specific one that needs no download, and its
@@ -14,7 +17,7 @@ logits give the Inception Score formula over the dataset's own classes (so IS li
 generated images. Either way an ``Extractor`` names the network and the hash of its weights,
 which is what keys the reference-feature cache.
 
-No Ray here: ``raydiff.evaluate`` loads an ``Extractor`` inside Ray Data actors.
+No Ray here: ``raydiff.distributed.evaluate`` loads an ``Extractor`` inside Ray Data actors.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import io
 import logging
 import pickle
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +42,8 @@ EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYERS = ("2048", "logits_unbiased")
 INCEPTION_DIMS = (2048, 1008)  # pool3 features; logits (TF's 1001 classes + padding)
 CLASSIFIER_PREFIX = "classifier:"
+PIXELS = "pixels-8x8"
+_PIXEL_SIDE = 8
 _DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -133,13 +138,23 @@ class InceptionFeatures:
         return features.cpu().numpy(), logits.cpu().numpy()
 
 
+class PixelFeatures:
+    """Images area-resized to 8x8, flattened: float32 rows in [0, 1]; no logits."""
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+        rows = torch.nn.functional.adaptive_avg_pool2d(x, _PIXEL_SIDE).flatten(1).numpy()
+        return rows, np.zeros((len(rows), 0), np.float32)
+
+
 @dataclass(frozen=True)
 class Extractor:
     """Which network turns images into (features, logits): plain data, so it travels to Ray
     actors, and what metrics.json and the reference-feature cache key name."""
 
-    kind: str  # inception | classifier
-    name: str  # inception-v3-compat | classifier:<arch>
+    kind: str  # inception | classifier | pixels
+    name: str  # inception-v3-compat | classifier:<arch> | pixels-8x8
     path: str  # the weights file, or the classifier checkpoint folder
     sha256: str  # of the weights (classifier: and of its config, which holds the normalisation)
     feature_dim: int
@@ -151,21 +166,29 @@ class Extractor:
         """A callable uint8 NHWC -> (float32 features, float32 logits)."""
         if self.kind == "inception":
             return InceptionFeatures(self.path, device, sha256=self.sha256)
+        if self.kind == "pixels":
+            return PixelFeatures()
         from raydiff.classifier import ClassifierFeatures
 
         return ClassifierFeatures(self.path, device, sha256=self.sha256)
 
 
-def inception_extractor(path: str | Path | None = None, download: bool = True) -> Extractor:
+def inception_extractor(path: str | Path | None = None, download: bool = True,
+                        sha256: str | None = None) -> Extractor:
+    """Inception with the weights of ``path`` (else the cache, else a download); with
+    ``sha256``, the hash of those weights as already checked."""
     weights = resolve_weights(path, download=download)
-    return Extractor("inception", EXTRACTOR, str(weights), check_weights_file(weights),
+    return Extractor("inception", EXTRACTOR, str(weights), sha256 or check_weights_file(weights),
                      *INCEPTION_DIMS)
+
+
+def pixel_extractor(channels: int = 3) -> Extractor:
+    return Extractor("pixels", PIXELS, "", f"{PIXELS}-area", _PIXEL_SIDE ** 2 * channels, 0)
 
 
 def classifier_extractor(location: str) -> Extractor:
     """A ``raydiff classify`` checkpoint (or run folder: its latest checkpoint) as extractor."""
-    from raydiff.classifier import ARCHS, ClassifierConfig, checkpoint_sha256, read_meta
-    from raydiff.classifier import resolve_checkpoint
+    from raydiff.classifier import ARCHS, ClassifierConfig, checkpoint_sha256, read_meta, resolve_checkpoint
 
     path = resolve_checkpoint(location)
     cfg = ClassifierConfig.from_dict(read_meta(path)["config"])

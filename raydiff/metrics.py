@@ -17,8 +17,8 @@ cuts by absolute training count, many / medium / few shot (``shot_groups``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -12,25 +12,27 @@ diversity of the samples (``raydiff.metrics.copy_and_diversity``: ``copy_rate``,
 - ``pixels``: images area-resized to 8x8, as 192-d vectors in [0, 1]. Needs no download and
   still ranks runs by how well their samples match the class-group statistics; metric names
   are prefixed ``fd_pixels`` so they are never mistaken for FID.
+
+The reference side (``ReferenceStats``) is built from the feature rows of the reference and
+training splits that ``raydiff evaluate`` extracts and caches (``reference_features``): one
+reference pipeline for both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from raydiff.config import Config, SampleConfig
-from raydiff.data import parquet
 from raydiff.diffusion import GaussianDiffusion
+from raydiff.features import Extractor, inception_extractor, pixel_extractor
 from raydiff.metrics import GROUPS, FeatureStats, class_groups, copy_and_diversity, fid
 from raydiff.samplers import sample_images, to_uint8
 
 FEATURES = ("inception", "pixels")
-_PIXEL_SIDE = 8
 _EVAL_SEED = 1_000_000  # sample seeds start here: disjoint from preview-grid seeds
 # Copy rate and diversity need every training image's feature row on the evaluating worker;
 # above this many training images they are left out of the in-training evaluation.
@@ -50,22 +52,13 @@ class EvalSpec:
     def prefix(self) -> str:
         return "fid" if self.feature == "inception" else "fd_pixels"
 
-
-def feature_extractor(feature: str, weights: str | None = None,
-                      device: str | torch.device = "cpu",
-                      sha256: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 NHWC images -> float64 feature rows."""
-    if feature == "pixels":
-        def pixels(images: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-            return F.adaptive_avg_pool2d(x, _PIXEL_SIDE).flatten(1).double().numpy()
-        return pixels
-    if feature == "inception":
-        from raydiff.features import InceptionFeatures
-
-        extractor = InceptionFeatures(weights, device, sha256=sha256)
-        return lambda images: extractor(images)[0].astype(np.float64)
-    raise ValueError(f"unknown feature space {feature!r}; choose one of {', '.join(FEATURES)}")
+    def extractor(self) -> Extractor:
+        if self.feature == "pixels":
+            return pixel_extractor()
+        if self.feature == "inception":
+            return inception_extractor(self.weights, download=False, sha256=self.weights_sha256)
+        raise ValueError(f"unknown feature space {self.feature!r}; choose one of "
+                         f"{', '.join(FEATURES)}")
 
 
 def group_stats(rows: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, FeatureStats]:
@@ -86,32 +79,19 @@ class ReferenceStats:
     groups: np.ndarray  # group index per class
     rows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # split -> (rows, labels)
 
-
-def _rows(extract, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([extract(images[i:i + 256]) for i in range(0, len(images), 256)])
-
-
-def reference_stats(dataset_dir: str, feature: str, per_class: int | None = None,
-                    weights: str | None = None, copying: bool = True,
-                    weights_sha256: str | None = None) -> ReferenceStats:
-    """Statistics of the reference split, using at most ``per_class`` images of each class;
-    with ``copying`` (and a training split of at most ``COPY_MAX_TRAIN`` images), the feature
-    rows of both splits that the copy rate and diversity need."""
-    info = parquet.load_info(dataset_dir)
-    images, labels = parquet.read_split_arrays(dataset_dir, "reference")
-    if per_class is not None:
-        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class]
-                               for c in range(info.num_classes)])
-        images, labels = images[keep], labels[keep]
-    extract = feature_extractor(feature, weights, sha256=weights_sha256)
-    rows = _rows(extract, images)
-    groups = class_groups(info.counts("train"))
-    copy_rows = None
-    if copying and info.num_images("train") <= COPY_MAX_TRAIN:
-        train_images, train_labels = parquet.read_split_arrays(dataset_dir, "train")
-        copy_rows = {"reference": (rows.astype(np.float32), labels),
-                     "train": (_rows(extract, train_images).astype(np.float32), train_labels)}
-    return ReferenceStats(feature, group_stats(rows, labels, groups), groups, copy_rows)
+    @classmethod
+    def of(cls, feature: str, train_counts: Sequence[int], rows: np.ndarray,
+           labels: np.ndarray, train: tuple[np.ndarray, np.ndarray] | None = None
+           ) -> ReferenceStats:
+        """From the reference split's feature rows and labels; with ``train`` (the training
+        split's rows and labels), what the copy rate and diversity need."""
+        groups = class_groups(train_counts)
+        copy_rows = None
+        if train is not None:
+            copy_rows = {"reference": (rows.astype(np.float32), labels),
+                         "train": (train[0].astype(np.float32), train[1])}
+        return cls(feature, group_stats(rows.astype(np.float64), labels, groups), groups,
+                   copy_rows)
 
 
 class QuickEval:
@@ -125,7 +105,8 @@ class QuickEval:
         self.spec = spec
         self.reference, self.groups = reference.stats, reference.groups
         self.rows = reference.rows
-        self.extract = feature_extractor(spec.feature, spec.weights, device, spec.weights_sha256)
+        network = spec.extractor().load(device)
+        self.extract = lambda images: network(images)[0].astype(np.float64)
 
     def __call__(self, model: torch.nn.Module, cfg: Config) -> dict[str, float]:
         num_classes = cfg.model.num_classes

@@ -11,7 +11,7 @@ lets Ray split sampling across any number of actors and still give the same imag
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -158,3 +158,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding as torchvision's save_image does."""
     x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_aligned(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: SampleConfig,
+                   indices: np.ndarray, labels: np.ndarray, seeds: np.ndarray,
+                   forward_batch: int) -> np.ndarray:
+    """uint8 NHWC images of the given indices, each computed at its fixed block position.
+
+    Block b of ``forward_batch`` rows holds indices [b M, (b+1) M); a row whose index is not
+    requested is padding (a copy of a requested row), so the network always sees M rows and
+    image i always sits at row i % M.
+    """
+    indices, labels, seeds = (np.asarray(a, np.int64) for a in (indices, labels, seeds))
+    res = model.cfg.resolution
+    out = np.empty((len(indices), res, res, model.cfg.in_channels), np.uint8)
+    blocks = indices // forward_batch
+    for block in np.unique(blocks):
+        rows = np.flatnonzero(blocks == block)
+        slots = indices[rows] % forward_batch
+        block_labels = np.full(forward_batch, labels[rows[0]])
+        block_seeds = np.full(forward_batch, seeds[rows[0]])
+        block_labels[slots], block_seeds[slots] = labels[rows], seeds[rows]
+        images = sample_images(model, diffusion, block_labels.tolist(), block_seeds.tolist(), cfg)
+        out[rows] = to_uint8(images)[slots]
+    return out

@@ -12,14 +12,16 @@ import fnmatch
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -155,6 +157,18 @@ class Folder:
     def makedirs(self, relative: str = "") -> None:
         self.fs.create_dir(self.path(relative), recursive=True)
 
+    def sha256(self, names: list[str], prefix: bytes = b"", named: bool = False) -> str:
+        """sha256 of ``prefix`` and the named files' bytes in order (streamed), each file
+        preceded by its name and a NUL byte when ``named``."""
+        digest = hashlib.sha256(prefix)
+        for name in names:
+            if named:
+                digest.update(name.encode() + b"\0")
+            with self.fs.open_input_stream(self.path(name)) as stream:
+                while block := stream.read(1 << 22):
+                    digest.update(block)
+        return digest.hexdigest()
+
     def download(self, names: list[str], into: Path) -> Path:
         """Copy the named files of this folder into a local folder."""
         into.mkdir(parents=True, exist_ok=True)
@@ -204,6 +218,20 @@ def local_copy(location: str | Path, cache: str,
         with atomic_path(copy) as tmp:
             folder.download([name for name in folder.names() if keep(name)], tmp)
     return copy
+
+
+def json_safe(value):
+    """Numbers as JSON has them: NaN and infinities (a metric that needs more images than
+    there are) as null, numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def to_buffer(write) -> bytes:

@@ -33,6 +33,17 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 CIFAR_ROW_BYTES = 3 * 32 * 32
 
 
+# Fixtures that start or join a Ray cluster: a test that uses one is `slow` whatever its own
+# marks say, so `pytest -m "not slow"` (the inner loop) never starts Ray.
+RAY_FIXTURES = {"ray_head", "ray_local", "ray_dashboard_url", "autoscaling_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -246,7 +257,8 @@ def s3_bucket(tmp_path_factory) -> str:
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not answer:\n{log.read_text()}")
+                    raise RuntimeError(
+                        f"moto_server did not answer:\n{log.read_text()}") from None
                 time.sleep(0.2)
         yield "s3://raydiff-test"
     finally:
@@ -256,6 +268,21 @@ def s3_bucket(tmp_path_factory) -> str:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """``cli_error(argv)``: runs ``raydiff ARGV`` in this process, which must exit with 2 and
+    one ``raydiff: error: ...`` line on stderr; returns that line."""
+    from raydiff import cli
+
+    def run(argv: list[str]) -> str:
+        assert cli.main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("raydiff: error: "), lines
+        return lines[0]
+
+    return run
 
 
 def _cifar_pixels(n: int, seed: int) -> np.ndarray:

@@ -20,10 +20,9 @@ import pytest
 from conftest import FAKE_WORKER_TYPE
 from test_jobs import submit, wait
 
-from raydiff import cluster
-from raydiff.cluster import NodeType, largest_placement, load_node_types
+from raydiff.distributed import runtime as cluster
+from raydiff.distributed.runtime import NodeType, find_latest_checkpoint, largest_placement, load_node_types
 from raydiff.errors import RaydiffError
-from raydiff.train import find_latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
@@ -120,7 +119,7 @@ def test_tune_job_runs_its_trials_on_nodes_the_autoscaler_adds(autoscaling_head,
     job_id, _ = submit(
         head.dashboard_url, "jobs/tune.py", "--data", str(shapes16), "--storage", str(tmp_path),
         "--name", "search", "--preset", "tiny", "--scheduler", "fifo", "--trials", "2",
-        "--objective", "fd_pixels_tail", "--max-steps", "10", "--eval-every", "5",
+        "--objective", "fd_pixels_tail", "--steps", "10", "--eval-every", "5",
         "--eval-per-class", "4", "--eval-steps", "4", "--reference-per-class", "12",
         "--autoscaler-config", str(head.autoscaler_config),
         *[a for o in TINY for a in ("--set", o)], working_dir=False)

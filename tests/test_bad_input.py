@@ -156,13 +156,13 @@ def _sample(ctx, *extra, checkpoint=None):
 
 
 def _evaluate(ctx, *extra, samples=None, reference=None):
-    return ["evaluate", "--samples", str(samples or ctx.samples), "--reference",
+    return ["evaluate", "--samples", str(samples or ctx.samples), "--data",
             str(reference or ctx.data), "--out", str(ctx.out), "--no-download", *extra]
 
 
 def _tune(ctx, *extra):
     return ["tune", "--data", str(ctx.data), "--storage", str(ctx.out), "--preset", "tiny",
-            "--set", "optim.batch_size=8", "--max-steps", "4", *extra]
+            "--set", "optim.batch_size=8", "--steps", "4", *extra]
 
 
 def _prepare(ctx, *extra):
@@ -170,7 +170,7 @@ def _prepare(ctx, *extra):
 
 
 def _classify(ctx, *extra, data=None):
-    return ["classify", "--train", str(data or ctx.data), "--out", str(ctx.out), *extra]
+    return ["classify", "--data", str(data or ctx.data), "--out", str(ctx.out), *extra]
 
 
 CASES = [
@@ -190,7 +190,7 @@ CASES = [
          "--guidance: 'nan' is not a finite number"),
     Case("sample --guidance inf", lambda c: _sample(c, "--guidance", "inf"), "--guidance"),
     Case("sample --guidance -1", lambda c: _sample(c, "--guidance", "-1"), "--guidance: -1"),
-    Case("sample --steps 0", lambda c: _sample(c, "--steps", "0"), "--steps: 0"),
+    Case("sample --sample-steps 0", lambda c: _sample(c, "--sample-steps", "0"), "--sample-steps: 0"),
     Case("sample --seed -1", lambda c: _sample(c, "--seed", "-1"), "--seed: -1"),
     Case("sample --actors 0", lambda c: _sample(c, "--actors", "0"), "--actors: 0"),
     Case("sample --forward-batch 0", lambda c: _sample(c, "--forward-batch", "0"),
@@ -199,7 +199,8 @@ CASES = [
                                                               "--forward-batch", "4"),
          "--shard-size 10 must be a multiple of --forward-batch 4"),
     Case("sample --classes out of range", lambda c: _sample(c, "--classes", "7"), "--classes 7"),
-    Case("sample --steps above T", lambda c: _sample(c, "--steps", "5000"), "sample.steps=5000"),
+    Case("sample --sample-steps above T", lambda c: _sample(c, "--sample-steps", "5000"),
+         "sample.steps=5000"),
     Case("prepare shapes --images-per-class 0",
          lambda c: _prepare(c, "shapes", "--images-per-class", "0"), "--images-per-class: 0"),
     Case("prepare shapes --num-classes 0", lambda c: _prepare(c, "shapes", "--num-classes", "0"),
@@ -228,7 +229,7 @@ CASES = [
     Case("tune --eval-per-class 1", lambda c: _tune(c, "--eval-per-class", "1"),
          "--eval-per-class must be at least 2"),
     Case("tune --trials 0", lambda c: _tune(c, "--trials", "0"), "--trials: 0"),
-    Case("tune --max-steps 0", lambda c: _tune(c, "--max-steps", "0"), "--max-steps: 0"),
+    Case("tune --steps 0", lambda c: _tune(c, "--steps", "0"), "--steps: 0"),
     Case("tune --eval-every above --max-steps", lambda c: _tune(c, "--eval-every", "8"),
          "eval_every (8)"),
     Case("tune unknown --objective", lambda c: _tune(c, "--objective", "bogus"),
@@ -317,7 +318,7 @@ CASES = [
     Case("classify shard truncated", lambda c: _classify(c, data=shard_truncated(c)),
          "is not a readable Parquet file"),
     Case("tune shard deleted", lambda c: ["tune", "--data", str(shard_deleted(c, "reference")),
-                                          "--storage", str(c.out), "--max-steps", "4"],
+                                          "--storage", str(c.out), "--steps", "4"],
          "is missing (reference shard"),
     Case("evaluate reference shard truncated",
          lambda c: _evaluate(c, reference=shard_truncated(c, "reference")),
@@ -377,7 +378,14 @@ CASES = [
 def tiny_samples(tiny_checkpoint, tmp_path_factory) -> Path:
     """A complete sample folder of ``tiny_checkpoint`` (2 images a class), written by raydiff's
     own sampling code in this process: the actor class and the shard writer, without Ray."""
-    from raydiff.sample import SampleActor, SampleJob, ShardWriter, _finish, claim_output, prepare_run
+    from raydiff.distributed.sample import (
+        SampleActor,
+        SampleJob,
+        ShardWriter,
+        _finish,
+        claim_output,
+        prepare_run,
+    )
 
     out = tmp_path_factory.mktemp("samples") / "tiny"
     run = prepare_run(SampleJob(checkpoint=str(tiny_checkpoint), out=str(out), per_class=2,
@@ -482,8 +490,8 @@ def parquet_missing(out: Path) -> list[str]:
 
 def test_a_sample_folder_without_shards_is_reclaimed_by_the_corrected_run(tiny_checkpoint,
                                                                           tmp_path):
+    from raydiff.distributed.sample import SampleJob, claim_output, prepare_run
     from raydiff.errors import RaydiffError
-    from raydiff.sample import SampleJob, claim_output, prepare_run
 
     out = tmp_path / "samples"
     first = prepare_run(SampleJob(checkpoint=str(tiny_checkpoint), out=str(out), per_class=3))
@@ -521,7 +529,7 @@ def test_weights_replaced_after_the_check_are_refused(tiny_checkpoint, inception
 
 
 def test_a_damaged_reference_cache_entry_is_a_miss(tmp_path):
-    from raydiff.evaluate import _read_cache
+    from raydiff.distributed.evaluate import _read_cache
 
     entry = tmp_path / "entry"
     entry.mkdir()
@@ -535,7 +543,8 @@ def test_a_damaged_reference_cache_entry_is_a_miss(tmp_path):
 
 
 def test_a_resumed_sample_run_samples_a_damaged_shard_again(tiny_samples, tmp_path):
-    from raydiff.sample import SampleJob, finished_shards, load_manifest, prepare_run
+    from raydiff.data.samples import finished_shards, load_manifest
+    from raydiff.distributed.sample import SampleJob, prepare_run
 
     out = _copy(tiny_samples, tmp_path / "samples")
     manifest = load_manifest(out)

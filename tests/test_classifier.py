@@ -142,10 +142,10 @@ def test_checkpoints_refuse_code_and_other_networks(shapes_sets, tmp_path):
     torch.save({"state": {}, "payload": MixRule("none")}, path / C.OPTIMIZER_FILE)
     with pytest.raises(RaydiffError, match="refused: it holds more than tensors"):
         C.ClassifierTrainer(cfg, 3).load(path)
-    with pytest.raises(RaydiffError, match="is not a raydiff classifier checkpoint"):
+    with pytest.raises(RaydiffError, match="is neither a classifier checkpoint"):
         C.read_meta(tmp_path)
     with pytest.raises(RaydiffError, match="neither a classifier checkpoint"):
-        C.resolve_checkpoint(tmp_path / "nothing")
+        C.read_meta(C.resolve_checkpoint(tmp_path / "nothing"))
 
 
 def test_config_rejects_bad_values_in_one_line():

@@ -21,11 +21,10 @@ import pytest
 
 from raydiff import cli
 from raydiff.classifier import META_FILE, ClassifierConfig
-from raydiff.classify import (CHART_FILE, COMPARISON_FILE, RESULTS_FILE, ClassifyJob,
-                              run_classify, storage_and_name)
-from raydiff.evaluate import EvalJob, run_evaluation
-from raydiff.sample import SampleJob, run_sampling
-from raydiff.train import find_latest_checkpoint
+from raydiff.distributed.classify import CHART_FILE, COMPARISON_FILE, RESULTS_FILE, ClassifyJob, run_classify
+from raydiff.distributed.evaluate import EvalJob, run_evaluation
+from raydiff.distributed.runtime import find_latest_checkpoint, storage_and_name
+from raydiff.distributed.sample import SampleJob, run_sampling
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +51,7 @@ def real_run(ray_local, shapes16, tmp_path_factory) -> tuple[Path, dict, int]:
     """A real-only run whose driver is killed after its first checkpoint, then relaunched:
     (run folder, results, the last step logged before the kill)."""
     out = tmp_path_factory.mktemp("classify") / "real"
-    command = [sys.executable, "-m", "raydiff.cli", "classify", "--train", str(shapes16),
+    command = [sys.executable, "-m", "raydiff.cli", "classify", "--data", str(shapes16),
                "--out", str(out), "--epochs", str(REAL_EPOCHS), "--workers", "2", *FLAGS]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
@@ -166,49 +165,44 @@ def test_job_entry_point_wants_shared_locations():
         from classify import classify_location_error
     finally:
         sys.path.pop(0)
-    assert "--out is required" in classify_location_error(["--train", "/data"])
-    assert "--train must be a URI or an absolute path" in classify_location_error(
+    assert "--storage and --name are required" in classify_location_error(["--data", "/data"])
+    assert "--data must be a URI or an absolute path" in classify_location_error(
+        ["--data", "data", "--storage", "/runs", "--name", "x"])
+    assert "--storage must be a URI or an absolute path" in classify_location_error(
+        ["--data", "/data", "--storage", "runs", "--name", "x"])
+    assert "--train must be a URI" in classify_location_error(  # the old spelling
         ["--train", "data", "--out", "/runs/x"])
     assert "--synthetic must be a URI" in classify_location_error(
-        ["--train", "/data", "--out", "s3://b/x", "--synthetic", "/s1", "s2"])
-    assert classify_location_error(["--train", "s3://b/d", "--out", "/runs/x"]) is None
+        ["--data", "/data", "--out", "s3://b/x", "--synthetic", "/s1", "s2"])
+    assert classify_location_error(["--data", "s3://b/d", "--out", "/runs/x"]) is None
+    assert classify_location_error(["--data", "s3://b/d", "--storage", "/runs",
+                                    "--name", "x"]) is None
     assert classify_location_error(["--compare", "a", "b"]) is None
 
 
-def _error_line(capsys, argv: list[str]) -> str:
-    assert cli.main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("raydiff: error: "), lines
-    return lines[0]
-
-
 def test_bad_input_is_one_clear_line(real_run, samples, shapes16, shapes_dataset, tmp_path,
-                                     capsys):
+                                     cli_error):
     base = ["classify", "--out", str(tmp_path / "bad"), "--epochs", "2", *FLAGS]
-    assert "does not exist; run 'raydiff prepare' first" in _error_line(
-        capsys, base + ["--train", str(tmp_path / "nowhere")])
+    assert "does not exist; run 'raydiff prepare' first" in cli_error(
+        base + ["--data", str(tmp_path / "nowhere")])
     # shapes_dataset is 32 px; the samples are 16 px
-    line = _error_line(capsys, base + ["--train", str(shapes_dataset), "--synthetic",
+    line = cli_error(base + ["--data", str(shapes_dataset), "--synthetic",
                                        str(samples)])
     assert f"{samples / 'manifest.json'}: samples are 16 px but {shapes_dataset} is 32 px" in line
-    train = base + ["--train", str(shapes16)]
-    assert "needs 50 synthetic images of class 0 but" in _error_line(
-        capsys, train + ["--synthetic", str(samples), "--mix", "add:50"])
-    assert "--mix topup needs --synthetic SAMPLES_DIR" in _error_line(
-        capsys, train + ["--mix", "topup"])
-    assert "fewer than one batch (--batch-size 512)" in _error_line(
-        capsys, train + ["--batch-size", "512"])
-    assert "does not split evenly over 3 workers" in _error_line(capsys, train + ["--workers", "3"])
-    assert "warmup_epochs=5.0 is invalid" in _error_line(
-        capsys, ["classify", "--train", str(shapes16), "--epochs", "3"])
+    train = base + ["--data", str(shapes16)]
+    assert "needs 50 synthetic images of class 0 but" in cli_error(
+        train + ["--synthetic", str(samples), "--mix", "add:50"])
+    assert "--mix topup needs --synthetic SAMPLES_DIR" in cli_error(train + ["--mix", "topup"])
+    assert "fewer than one batch (--batch-size 512)" in cli_error(train + ["--batch-size", "512"])
+    assert "does not split evenly over 3 workers" in cli_error(train + ["--workers", "3"])
+    assert "warmup_epochs=5.0 is invalid" in cli_error(["classify", "--data", str(shapes16), "--epochs", "3"])
     # a run folder of another network or other data is not resumed
-    line = _error_line(capsys, ["classify", "--train", str(shapes16), "--out", str(real_run[0]),
+    line = cli_error(["classify", "--data", str(shapes16), "--out", str(real_run[0]),
                                 "--epochs", "3", *FLAGS[:2], "--width", "32", *FLAGS[4:]])
     assert "cannot resume" in line and "width: checkpoint 16, requested 32" in line
-    assert "not a finished 'raydiff classify' run" in _error_line(
-        capsys, ["classify", "--compare", str(tmp_path)])
-    evaluate = ["evaluate", "--samples", str(samples), "--reference", str(shapes16)]
-    assert "--features 'vgg': expected inception or classifier:CHECKPOINT" in _error_line(
-        capsys, evaluate + ["--features", "vgg"])
-    assert "neither a classifier checkpoint" in _error_line(
-        capsys, evaluate + ["--features", f"classifier:{tmp_path}"])
+    assert "not a finished 'raydiff classify' run" in cli_error(["classify", "--compare", str(tmp_path)])
+    evaluate = ["evaluate", "--samples", str(samples), "--data", str(shapes16)]
+    assert "--features 'vgg': expected inception or classifier:CHECKPOINT" in cli_error(
+        evaluate + ["--features", "vgg"])
+    assert "neither a classifier checkpoint" in cli_error(
+        evaluate + ["--features", f"classifier:{tmp_path}"])

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
-
 import ray
+import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
 from raydiff.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,5 +233,5 @@ def test_uploads_leave_out_data_runs_checkpoints_and_caches(tmp_path):
 
 def test_the_repository_uploads_small(tmp_path):
     names, size = package(REPO, tmp_path)
-    assert "jobs/train.py" in names and "raydiff/train.py" in names
+    assert "jobs/train.py" in names and "raydiff/distributed/train.py" in names
     assert size < 5 * 2**20, f"the working directory zips to {size / 2**20:.1f} MiB"

@@ -9,8 +9,14 @@ draws fresh rows from the data distribution must score like the reference itself
 import numpy as np
 import pytest
 
-from raydiff.metrics import (COPY_RATIO, class_diversity, copy_and_diversity, copy_ratios,
-                             mean_pairwise_distance, nearest_distance)
+from raydiff.metrics import (
+    COPY_RATIO,
+    class_diversity,
+    copy_and_diversity,
+    copy_ratios,
+    mean_pairwise_distance,
+    nearest_distance,
+)
 
 DIM, CLASSES = 16, 3
 TRAIN_COUNTS, REF_PER_CLASS, GEN_PER_CLASS = (40, 12, 3), 200, 30

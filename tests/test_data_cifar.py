@@ -16,7 +16,7 @@ from raydiff.errors import RaydiffError
 
 
 def prepare(*args: str) -> int:
-    return main(["prepare", *args, "--workers", "1"])
+    return main(["prepare", *args, "--processes", "1"])
 
 
 # Published per-class counts of CIFAR-10-LT at imbalance 100 (LDAM-DRW, CBDM, CCUA).
@@ -28,7 +28,7 @@ def cifar10_lt(cifar10_full, tmp_path_factory):
     """CIFAR-10-LT (IR 100) prepared once from the full-size fixture, test set as reference."""
     out = tmp_path_factory.mktemp("c10") / "cifar10-lt"
     root = str(cifar10_full)
-    assert prepare("cifar10", "--root", root, "--out", str(out), "--reference", "test") == 0
+    assert prepare("cifar10", "--root", root, "--out", str(out), "--reference-from", "test") == 0
     return out
 
 
@@ -58,7 +58,7 @@ def test_cifar10_lt_keeps_the_images_the_released_code_keeps(
 def test_cifar100_lt_total(cifar100_full, tmp_path):
     out = tmp_path / "c100"
     root = str(cifar100_full / "cifar-100-python")  # --root may name the folder itself
-    assert prepare("cifar100", "--root", root, "--out", str(out), "--reference", "test") == 0
+    assert prepare("cifar100", "--root", root, "--out", str(out), "--reference-from", "test") == 0
     info = load_info(out)
     assert info.num_images("train") == 10847
     assert (info.train_counts[0], info.train_counts[-1]) == (500, 5)
@@ -89,7 +89,7 @@ def test_resized_cifar_is_the_same_with_worker_processes(make_cifar, tmp_path):
         out = tmp_path / f"out{workers}"
         assert main(["prepare", "cifar10", "--root", str(tmp_path / "src"), "--out", str(out),
                      "--imbalance-ratio", "5", "--resolution", "40",
-                     "--workers", workers]) == 0  # fmt: skip
+                     "--processes", workers]) == 0  # fmt: skip
         tables.append(read_split(out, "reference"))
     assert tables[0].equals(tables[1])
     images, _ = read_split_arrays(tmp_path / "out2", "train")

@@ -20,7 +20,7 @@ def work(tmp_path):
 
 def fails(capsys, work, *args: str, workers: int = 1) -> str:
     """Run prepare, check the failure contract, and return the error message."""
-    code = main(["prepare", *args, "--out", str(work / "out"), "--workers", str(workers)])
+    code = main(["prepare", *args, "--out", str(work / "out"), "--processes", str(workers)])
     err = capsys.readouterr().err
     assert code == 2
     lines = err.splitlines()
@@ -107,7 +107,7 @@ def test_non_existent_split_file(capsys, work, imagenet_lt_root):
 
 def test_default_reference_list_missing(capsys, work, imagenet_lt_root):
     message = fails(capsys, work, "imagenet-lt", "--root", str(imagenet_lt_root),
-                    "--reference", "test")  # fmt: skip
+                    "--reference-from", "test")  # fmt: skip
     assert "ImageNet_LT_test.txt does not exist" in message and "--reference-list" in message
 
 
@@ -138,7 +138,7 @@ def test_read_only_parent(capsys, tmp_path):
 def test_existing_output_is_refused_then_replaced_with_overwrite(capsys, tmp_path):
     out = tmp_path / "out"
     args = ["prepare", "shapes", "--out", str(out), "--num-classes", "2",
-            "--images-per-class", "10", "--workers", "1"]  # fmt: skip
+            "--images-per-class", "10", "--processes", "1"]  # fmt: skip
     assert main(args) == 0
     assert main(args) == 2
     assert "exists and is not empty" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from raydiff.data.parquet import load_info, read_split, read_split_arrays
 
 
 def prepare(*args: str, workers: int = 1) -> int:
-    return main(["prepare", *args, "--workers", str(workers)])
+    return main(["prepare", *args, "--processes", str(workers)])
 
 
 def test_imagenet_lt_from_the_standard_lists(imagenet_lt_root, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raydiff import config as config_lib
-from raydiff.checkpoint import latest_checkpoint, load_checkpoint
+from raydiff.checkpoint import load_checkpoint, resolve_checkpoint
 from raydiff.engine import EMA, Engine, NonFiniteLossError, load_for_sampling, warmup_factor
 from raydiff.errors import RaydiffError
 from raydiff.samplers import sample_images
@@ -124,7 +124,7 @@ def test_checkpoint_round_trip_is_exact_and_resumes_identically(tmp_path):
     assert out_a == out_b
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_000003"
+    assert resolve_checkpoint(tmp_path, "state.json") == str(tmp_path / "checkpoint_000003")
 
 
 def test_checkpoint_loads_into_sampler(tmp_path):

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch_fidelity
 
-from raydiff import cli
 from raydiff.data.parquet import read_split_arrays
-from raydiff.evaluate import EvalJob, run_evaluation
-from raydiff.sample import SampleJob, read_samples, run_sampling
+from raydiff.data.samples import read_samples
+from raydiff.distributed.evaluate import EvalJob, run_evaluation
+from raydiff.distributed.sample import SampleJob, run_sampling
 
 REF_PER_CLASS = 4
 
@@ -143,37 +143,29 @@ def test_copy_rate_and_diversity_equal_an_in_process_computation(
         assert values["diversity"] == pytest.approx(expected["diversity"], rel=1e-4), name
 
 
-def _error_line(capsys, argv: list[str]) -> str:
-    assert cli.main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("raydiff: error: "), lines
-    return lines[0]
-
-
-def test_bad_input_is_one_clear_line(capsys, samples, shapes_dataset, shapes16_tiny, tmp_path,
+def test_bad_input_is_one_clear_line(cli_error, samples, shapes_dataset, shapes16_tiny, tmp_path,
                                      monkeypatch):
     from raydiff.data.prepare import PrepareOptions, prepare_dataset
 
-    args = ["evaluate", "--samples", str(samples), "--reference"]
+    args = ["evaluate", "--samples", str(samples), "--data"]
     # shapes_dataset is 32 px; the samples are 16 px
-    assert "is 32x32 but the samples are 16x16" in _error_line(capsys, args + [str(shapes_dataset)])
+    assert "is 32x32 but the samples are 16x16" in cli_error(args + [str(shapes_dataset)])
     three = tmp_path / "three-classes"
     prepare_dataset(PrepareOptions(source="shapes", out=three, resolution=16, num_classes=3,
                                    images_per_class=4, imbalance_ratio=2.0))
-    assert "has 3 classes but the samples' checkpoint has 4" in _error_line(
-        capsys, args + [str(three)])
-    assert "not a 'raydiff sample' folder" in _error_line(
-        capsys, ["evaluate", "--samples", str(tmp_path), "--reference", str(three)])
+    assert "has 3 classes but the samples' checkpoint has 4" in cli_error(args + [str(three)])
+    assert "not a 'raydiff sample' folder" in cli_error(
+        ["evaluate", "--samples", str(tmp_path), "--data", str(three)])
     matching = args + [str(shapes16_tiny)]
-    assert "--metrics fid,foo: expected a comma-separated subset" in _error_line(
-        capsys, matching + ["--metrics", "fid,foo"])
+    assert "--metrics fid,foo: expected a comma-separated subset" in cli_error(
+        matching + ["--metrics", "fid,foo"])
     # no weights file, none cached, no download: what to do, in one line
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    line = _error_line(capsys, matching + ["--no-download"])
+    line = cli_error(matching + ["--no-download"])
     assert "downloading is off; pass --inception-weights PATH" in line
     # a weights file that is a pickle of more than tensors is refused before torch-fidelity
     # would unpickle it with weights_only=False
     evil = tmp_path / "evil.pth"
     torch.save({"fc.weight": torch.zeros(1), "payload": UInt8Images(np.zeros(1))}, evil)
-    line = _error_line(capsys, matching + ["--inception-weights", str(evil)])
+    line = cli_error(matching + ["--inception-weights", str(evil)])
     assert "is not a plain Inception state dict" in line

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from raydiff.data.parquet import load_info
-from raydiff.train import find_latest_checkpoint
+from raydiff.distributed.runtime import find_latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def dataset_uri(ray_dashboard_url, s3_bucket) -> str:
     uri = f"{s3_bucket}/jobs/datasets/shapes16"
     logs = run_job(ray_dashboard_url, "jobs/prepare.py", "shapes", "--out", uri,
                    "--resolution", "16", "--num-classes", "4", "--images-per-class", "48",
-                   "--imbalance-ratio", "4", "--workers", "1")
+                   "--imbalance-ratio", "4", "--processes", "1")
     assert f"uploaded to {uri}" in logs
     return uri
 
@@ -152,7 +152,7 @@ def test_sample_job_writes_a_balanced_set_and_a_resubmitted_job_keeps_it(ray_das
     checkpoint = Engine(cfg).save(tmp_path / "run" / "checkpoint_000000000")
     out = tmp_path / "samples"
     args = ["--checkpoint", str(checkpoint), "--out", str(out), "--per-class", "3",
-            "--steps", "3", "--forward-batch", "4", "--shard-size", "8"]
+            "--sample-steps", "3", "--forward-batch", "4", "--shard-size", "8"]
     logs = run_job(ray_dashboard_url, "jobs/sample.py", *args)
     assert "12 images, 3 per class" in logs
     manifest = json.loads((out / "manifest.json").read_text())

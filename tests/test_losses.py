@@ -10,8 +10,15 @@ from torch import nn
 from raydiff import losses
 from raydiff.config import DiffusionConfig, LossConfig
 from raydiff.diffusion import GaussianDiffusion
-from raydiff.losses import (alignment_loss, cbdm_loss, compute_losses, denoising_loss,
-                            drop_labels, timestep_weight, ucl_loss)
+from raydiff.losses import (
+    alignment_loss,
+    cbdm_loss,
+    compute_losses,
+    denoising_loss,
+    drop_labels,
+    timestep_weight,
+    ucl_loss,
+)
 
 T = 1000
 

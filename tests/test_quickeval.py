@@ -8,15 +8,32 @@ import pytest
 from raydiff.data import parquet
 from raydiff.diffusion import GaussianDiffusion
 from raydiff.engine import load_for_sampling
+from raydiff.features import pixel_extractor
 from raydiff.metrics import copy_and_diversity
-from raydiff.quickeval import EvalSpec, QuickEval, feature_extractor, reference_stats
+from raydiff.quickeval import EvalSpec, QuickEval, ReferenceStats
 from raydiff.samplers import sample_images, to_uint8
+
+
+def _extract(images: np.ndarray) -> np.ndarray:
+    return pixel_extractor().load()(images)[0]
+
+
+def _reference(dataset, copying: bool = True) -> ReferenceStats:
+    """The reference side as a search builds it, from rows extracted here instead of by
+    ``raydiff evaluate``'s Ray Data pipeline."""
+    info = parquet.load_info(dataset)
+    images, labels = parquet.read_split_arrays(dataset, "reference")
+    train = None
+    if copying:
+        train_images, train_labels = parquet.read_split_arrays(dataset, "train")
+        train = (_extract(train_images), train_labels)
+    return ReferenceStats.of("pixels", info.counts("train"), _extract(images), labels, train)
 
 
 def test_quick_evaluation_reports_copy_rate_and_diversity_per_group(tiny_checkpoint,
                                                                     shapes16_tiny):
     model, cfg = load_for_sampling(tiny_checkpoint)
-    reference = reference_stats(str(shapes16_tiny), "pixels")
+    reference = _reference(shapes16_tiny)
     spec = EvalSpec(feature="pixels", per_class=3, steps=2, guidance=1.0)
     out = QuickEval(spec, reference)(model, cfg)
     groups = ("", "_head", "_body", "_tail")
@@ -28,7 +45,7 @@ def test_quick_evaluation_reports_copy_rate_and_diversity_per_group(tiny_checkpo
     sampler = cfg.sample.__class__(sampler="ddim", steps=2, eta=0.0, guidance=1.0)
     images = to_uint8(sample_images(model, GaussianDiffusion(cfg.diffusion), labels.tolist(),
                                     (1_000_000 + np.arange(12)).tolist(), sampler))
-    extract = feature_extractor("pixels")
+    extract = _extract
     rows = extract(images).astype(np.float32)
     ref_images, ref_labels = parquet.read_split_arrays(shapes16_tiny, "reference")
     train_images, train_labels = parquet.read_split_arrays(shapes16_tiny, "train")
@@ -42,5 +59,9 @@ def test_quick_evaluation_reports_copy_rate_and_diversity_per_group(tiny_checkpo
     assert 0.0 <= out["copy_rate"] <= 1.0 and out["diversity"] > 0
 
 
-def test_copy_metrics_can_be_left_out(shapes16_tiny):
-    assert reference_stats(str(shapes16_tiny), "pixels", copying=False).rows is None
+def test_copy_metrics_can_be_left_out(tiny_checkpoint, shapes16_tiny):
+    model, cfg = load_for_sampling(tiny_checkpoint)
+    spec = EvalSpec(feature="pixels", per_class=2, steps=2, guidance=1.0)
+    out = QuickEval(spec, _reference(shapes16_tiny, copying=False))(model, cfg)
+    assert "fd_pixels_tail" in out and not any(k.startswith(("copy_rate", "diversity"))
+                                               for k in out)

@@ -107,7 +107,7 @@ def test_brs_pipeline_spreads_copies_like_the_released_sampler(ray_local, shapes
 
     from raydiff import config as config_lib
     from raydiff.data import parquet
-    from raydiff.train import build_dataset
+    from raydiff.distributed.train import build_dataset
 
     info = parquet.load_info(shapes16)
     counts = list(info.counts("train"))

@@ -67,7 +67,9 @@ def scalars(events: bytes, tag: str) -> dict[int, float]:
         (length,) = struct.unpack("<Q", events[at:at + 8])
         event = Event.FromString(events[at + 12:at + 12 + length])
         at += 16 + length
-        found.update({event.step: v.simple_value for v in event.summary.value if v.tag == tag})
+        for value in event.summary.value:
+            if value.tag == tag:
+                found[event.step] = value.simple_value
     return found
 
 
@@ -170,7 +172,7 @@ def test_samples_land_in_the_bucket(s3, trained, sampled):
 
 @pytest.fixture(scope="module")
 def classified(shapes16, sampled, s3_bucket) -> str:
-    run_cli(["classify", "--train", str(shapes16), "--synthetic", sampled, "--mix", "add:3",
+    run_cli(["classify", "--data", str(shapes16), "--synthetic", sampled, "--mix", "add:3",
              "--storage", f"{s3_bucket}/classify", "--name", "mixed", "--workers", "1",
              *CLASSIFY])
     run_cli(["classify", "--compare", f"{s3_bucket}/classify/mixed", "--out",
@@ -200,8 +202,8 @@ def test_classify_lands_in_the_bucket(s3, classified, sampled, s3_bucket):
 @pytest.mark.slow
 def test_evaluate_lands_in_the_bucket(s3, classified, sampled, shapes16, s3_bucket, tmp_path):
     out = f"{s3_bucket}/eval/tiny-s3"
-    run_cli(["evaluate", "--samples", sampled, "--reference", str(shapes16), "--groups",
-             "--features", f"classifier:{classified}", "--batch-size", "16",
+    run_cli(["evaluate", "--samples", sampled, "--data", str(shapes16), "--groups",
+             "--features", f"classifier:{classified}", "--actor-batch", "16",
              "--reference-per-class", "8", "--no-copy-metrics",
              "--cache-dir", str(tmp_path / "cache"), "--out", out])
     metrics = json.loads(read(s3, f"{out}/metrics.json"))
@@ -226,7 +228,7 @@ def test_tune_lands_in_the_bucket(s3, ray_local, shapes16, s3_bucket, tmp_path):
     storage = f"{s3_bucket}/searches"
     run_cli(["tune", "--data", str(shapes16), "--preset", "tiny", "--storage", storage,
              "--name", "s3-search", "--scheduler", "fifo", "--trials", "1", "--space", str(space),
-             "--objective", "fd_pixels_tail", "--max-steps", "5", "--eval-every", "5",
+             "--objective", "fd_pixels_tail", "--steps", "5", "--eval-every", "5",
              "--eval-per-class", "4", "--eval-steps", "4", "--reference-per-class", "12"]
             + [a for o in TRAIN for a in ("--set", o)])
     search = f"{storage}/s3-search"

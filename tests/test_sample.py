@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydiff import cli
+from raydiff.data.samples import finished_shards, load_manifest, npz_name, read_samples, shard_name
 from raydiff.diffusion import GaussianDiffusion
+from raydiff.distributed.sample import SampleJob, prepare_run, run_sampling
 from raydiff.engine import load_for_sampling
-from raydiff.sample import (SampleJob, finished_shards, load_manifest, npz_name, prepare_run,
-                            read_samples, run_sampling, sample_aligned, shard_name)
+from raydiff.samplers import sample_aligned
 
 FAST = {"per_class": 3, "forward_batch": 4, "shard_size": 8}  # 12 images, 2 shards
 
@@ -127,8 +128,8 @@ def test_killed_run_resumes_with_exactly_the_missing_shards(ray_local, tiny_chec
     out = tmp_path / "killed"
     # 32 images in 8 shards, 40 DDIM steps: long enough to kill between shards
     args = ["sample", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--per-class",
-            "8", "--steps", "40", "--forward-batch", "4", "--shard-size", "4",
-            "--batch-size", "4"]
+            "8", "--sample-steps", "40", "--forward-batch", "4", "--shard-size", "4",
+            "--actor-batch", "4"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "raydiff.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -166,30 +167,21 @@ def test_killed_run_resumes_with_exactly_the_missing_shards(ray_local, tiny_chec
     np.testing.assert_array_equal(images[28:], again)
 
 
-def _error_line(capsys, argv: list[str]) -> str:
-    assert cli.main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("raydiff: error: ")
-    return lines[0]
-
-
-def test_bad_input_is_one_clear_line(capsys, tiny_checkpoint, one_actor_run, tmp_path):
+def test_bad_input_is_one_clear_line(cli_error, tiny_checkpoint, one_actor_run, tmp_path):
     base = ["sample", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "new"),
             "--per-class", "3"]
-    line = _error_line(capsys, ["sample", "--checkpoint", str(tmp_path), "--out",
+    line = cli_error(["sample", "--checkpoint", str(tmp_path), "--out",
                                 str(tmp_path / "x"), "--per-class", "3"])
     assert "is not a raydiff checkpoint: missing config.json" in line
-    assert "--per-class: 0 is out of range: expected >= 1" in _error_line(
-        capsys, base[:-1] + ["0"])
-    assert "--classes 4 is out of range" in _error_line(capsys, base + ["--classes", "0,4"])
-    assert "must be a multiple of --forward-batch 32" in _error_line(
-        capsys, base + ["--shard-size", "100"])
-    line = _error_line(capsys, ["sample", "--checkpoint", str(tiny_checkpoint), "--out",
+    assert "--per-class: 0 is out of range: expected >= 1" in cli_error(base[:-1] + ["0"])
+    assert "--classes 4 is out of range" in cli_error(base + ["--classes", "0,4"])
+    assert "must be a multiple of --forward-batch 32" in cli_error(base + ["--shard-size", "100"])
+    line = cli_error(["sample", "--checkpoint", str(tiny_checkpoint), "--out",
                                 str(one_actor_run), "--per-class", "3", "--forward-batch", "4",
                                 "--shard-size", "8", "--guidance", "0"])
     assert "holds a different sampling run (guidance: 1.5 there, 0.0 requested)" in line
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    line = _error_line(capsys, base[:4] + [str(tmp_path / "foreign"), "--per-class", "3"])
+    line = cli_error(base[:4] + [str(tmp_path / "foreign"), "--per-class", "3"])
     assert "is not a raydiff sample folder" in line
     assert not (tmp_path / "new").exists()  # nothing was written for any bad request

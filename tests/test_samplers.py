@@ -5,8 +5,15 @@ import torch
 
 from raydiff.config import DiffusionConfig, ModelConfig, SampleConfig
 from raydiff.diffusion import GaussianDiffusion
-from raydiff.samplers import (ImageNoise, ddim_sample, ddim_timesteps, ddpm_sample,
-                              guided_model_fn, sample_images, to_uint8)
+from raydiff.samplers import (
+    ImageNoise,
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_sample,
+    guided_model_fn,
+    sample_images,
+    to_uint8,
+)
 from raydiff.unet import UNet
 
 DIFFUSION = GaussianDiffusion(DiffusionConfig())

@@ -15,9 +15,17 @@ import pytest
 from PIL import Image
 
 from raydiff import config as config_lib
+from raydiff.distributed.study import (
+    StudyJob,
+    Variant,
+    check_study,
+    difference_interval,
+    markdown,
+    mean_interval,
+    parse_variant,
+    summarise,
+)
 from raydiff.errors import RaydiffError
-from raydiff.study import (StudyJob, Variant, check_study, difference_interval, markdown,
-                           mean_interval, parse_variant, summarise)
 
 BASE = config_lib.resolve("tiny")
 
@@ -99,7 +107,7 @@ def _job(tmp_path: Path, data: Path, **kw) -> StudyJob:
 
 
 def test_a_study_refuses_to_resume_with_other_settings(tmp_path, shapes16_tiny):
-    from raydiff.study import _write_spec
+    from raydiff.distributed.study import _write_spec
 
     job = _job(tmp_path, shapes16_tiny)
     check_study(job)
@@ -129,7 +137,7 @@ STUDY_ARGS = ["--preset", "tiny", "--methods", "ddpm", "ccua", "--seeds", "0,1",
 
 @pytest.mark.slow
 def test_study_end_to_end_resumed_after_its_driver_is_killed(ray_local, shapes16, tmp_path):
-    from raydiff.train import latest_step
+    from raydiff.distributed.runtime import latest_step
 
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
            "TORCH_HOME": str(tmp_path / "no-weights")}

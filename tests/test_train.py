@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from raydiff import config as config_lib
+from raydiff.distributed.runtime import find_latest_checkpoint, latest_step
+from raydiff.distributed.train import TrainJob, prepare_job, run_training
 from raydiff.engine import load_for_sampling
 from raydiff.errors import RaydiffError
 from raydiff.samplers import sample_images
-from raydiff.train import (TrainJob, find_latest_checkpoint, latest_step, prepare_job,
-                           run_training)
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_bad_requests_fail_before_any_worker_starts(ray_local, shapes16, tmp_pat
 
 LOCAL_RAY_SCRIPT = """
 import os, ray
-from raydiff.cluster import init_ray
+from raydiff.distributed.runtime import init_ray
 init_ray(1)
 
 @ray.remote(num_cpus=0)

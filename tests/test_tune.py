@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 
 from raydiff import config as config_lib
+from raydiff.distributed.tune import (
+    DEFAULT_SPACE,
+    SearchJob,
+    load_space,
+    parse_objective,
+    record_objective,
+    resolve_objective,
+    run_search,
+    validate_space,
+)
 from raydiff.errors import RaydiffError
-from raydiff.tune import (DEFAULT_SPACE, SearchJob, load_space, parse_objective, record_objective,
-                          resolve_objective, run_search, validate_space)
 
 BASE = config_lib.resolve("tiny", overrides=[
     "optim.batch_size=16", "optim.warmup_steps=5", "sample.steps=4"])
@@ -176,7 +184,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     cmd = [sys.executable, "-m", "raydiff.cli", "tune", "--data", str(shapes16),
            "--storage", str(tmp_path), "--name", "resume", "--scheduler", "fifo",
            "--objective", "fd_pixels_tail",
-           "--trials", "2", "--max-steps", "10", "--eval-every", "5", "--eval-per-class", "6",
+           "--trials", "2", "--steps", "10", "--eval-every", "5", "--eval-per-class", "6",
            "--eval-steps", "4", "--reference-per-class", "24", "--preset", "tiny",
            "--set", "optim.batch_size=16", "--set", "optim.warmup_steps=5",
            "--set", "sample.steps=4"]

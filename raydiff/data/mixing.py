@@ -14,8 +14,8 @@ set. ``MixedSet.counts`` is the record of what was mixed. Nothing here imports R
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def load_synthetic(folders: Sequence[str], info: DatasetInfo,
                    data: str) -> tuple[np.ndarray, np.ndarray]:
     """All images of the sample folders (uint8 NHWC, labels), folder by folder in index order,
     after checking each folder against the dataset."""
-    from raydiff.sample import MANIFEST, load_manifest, read_samples
+    from raydiff.data.samples import MANIFEST, load_manifest, read_samples
     from raydiff.storage import Folder
 
     images, labels = [], []

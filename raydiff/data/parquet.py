@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from raydiff.data.images import decode_images, decode_png, encode_arrays, encode_files
 from raydiff.data.longtail import DEFAULT_CHUNK_ROWS, SplitPlan
 from raydiff.errors import RaydiffError
+from raydiff.storage import Folder
 
 __all__ = [
     "FORMAT_VERSION", "SPLITS", "INFO_FILE", "DatasetInfo", "load_info", "split_paths",
@@ -152,24 +153,14 @@ def _check_split(split: str) -> None:
         raise RaydiffError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
-def _is_uri(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
 def _filesystem(dataset_dir: str | Path) -> tuple[pafs.FileSystem, str]:
     """pyarrow's filesystem for a local folder or a URI, and the folder's path inside it."""
-    if _is_uri(dataset_dir):
-        try:
-            return pafs.FileSystem.from_uri(str(dataset_dir))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise RaydiffError(f"cannot open {dataset_dir}: {err}") from None
-    return pafs.LocalFileSystem(), str(Path(dataset_dir).resolve())
+    folder = Folder(dataset_dir)
+    return folder.fs, folder.base
 
 
 def _join(dataset_dir: str | Path, relative: str) -> str:
-    if _is_uri(dataset_dir):
-        return f"{str(dataset_dir).rstrip('/')}/{relative}"
-    return str(Path(dataset_dir).resolve() / relative)
+    return Folder(dataset_dir).uri(relative)
 
 
 def load_info(dataset_dir: str | Path) -> DatasetInfo:

@@ -98,37 +98,10 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``raydiff prepare`` (the CLI owns the parser, this module its contents)."""
-    parser.description = (
-        "Build a long-tailed training split and a balanced reference split as Parquet shards "
-        "plus dataset.json. Sources: shapes (built in, no input), cifar10/cifar100 (--root with "
-        "the pickle folder), imagenet-lt/places-lt (--root with the images and split lists), "
-        "imagefolder (--root with one subfolder per class)."
-    )
-    add = parser.add_argument
-    add("source", choices=SOURCES, help="which dataset to build")
-    add("--out", required=True,
-        help="output folder (must not exist or be empty), or an s3:// / gs:// URI (built in a "
-             "local temporary folder, then uploaded)")
-    add("--root", type=Path, help="input folder: CIFAR pickles, image root, or class tree")
-    add("--imbalance-ratio", type=float, help="n_max / n_min (cifar 100, shapes 10, tree: no cut)")
-    add("--resolution", type=int, help="output side in pixels (cifar/shapes 32, others 64)")
-    add("--seed", type=int, default=0, help="selection and row-order seed (0 = released code)")
-    add("--reference", help="cifar: train (default) or test; lists: val (default) or test")
-    add("--train-list", help="list file of the training split (default: standard name in --root)")
-    add("--reference-list", help="list file of the reference split (default: standard name)")
-    add("--reference-root", type=Path, help="imagefolder: balanced tree to use as reference")
-    add("--num-classes", type=int, help="shapes: kinds of object (10); lists: label range")
-    add("--images-per-class", type=int, help="n_max: shapes pool size (500); imagefolder cap")
-    add("--workers", type=int, default=default_workers(), help="decode/encode processes")
-    add("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD, help="rows per Parquet file")
-    add("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
-
-
 def options_from_args(args: argparse.Namespace) -> PrepareOptions:
     fields = PrepareOptions.__dataclass_fields__
-    options = {k: v for k, v in vars(args).items() if k in fields}
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    options.setdefault("workers", default_workers())
     # a URI --out is built in a local folder and uploaded (``run``); its text is args.out
     return PrepareOptions(**{**options, "out": Path(options["out"])})
 
@@ -379,3 +352,14 @@ def run(args: argparse.Namespace) -> int:
         upload_dataset(local, uri)
     print(summary(info, uri, time.perf_counter() - start))
     return 0
+
+
+def builtin_dataset(storage: str, resolution: int) -> str:
+    """The built-in shapes dataset at ``resolution``, prepared once under ``storage``."""
+    if is_uri(storage):
+        raise RaydiffError("--data is required when --storage is a URI")
+    out = Path(storage) / "datasets" / f"shapes-{resolution}px"
+    if not (out / INFO_FILE).is_file():
+        print(f"preparing the built-in shapes dataset at {out}")
+        prepare_dataset(PrepareOptions(source="shapes", out=out, resolution=resolution))
+    return str(out)

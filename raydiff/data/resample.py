@@ -19,7 +19,7 @@ vary (Poisson) around the released fixed counts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -13,29 +13,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import posixpath
-import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from raydiff import config as config_lib
 from raydiff.checkpoint import describe_mismatch
-from raydiff.cluster import check_placement, init_ray
 from raydiff.config import Config
 from raydiff.data import parquet
 from raydiff.data.resample import class_ranks, repeat_rates, resample_rows
+from raydiff.distributed import runtime
+from raydiff.distributed.runtime import Scaling, run_dir
 from raydiff.engine import Engine, NonFiniteLossError, step_seed
 from raydiff.errors import RaydiffError
 from raydiff.quickeval import EvalSpec, QuickEval
 from raydiff.runlog import RunLog, save_class_grid
-from raydiff.storage import Folder, is_uri
+from raydiff.storage import Folder
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +58,11 @@ class TrainJob:
     eval: EvalSpec | None = None  # in-training evaluation at every report (hyperparameter search)
     eval_reference: Any = None  # ObjectRef of the ReferenceStats that evaluation compares to
 
+    @property
+    def scaling(self) -> Scaling:
+        return Scaling(self.workers, self.cpus_per_worker, self.gpus_per_worker,
+                       self.max_failures)
+
 
 # --- driver-side checks ---------------------------------------------------------------------
 
@@ -69,47 +73,10 @@ def fit_config_to_data(cfg: Config, info: parquet.DatasetInfo) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
-def run_dir(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}"
-
-
-def _latest_registered(storage: str, name: str) -> tuple[str, int] | None:
-    """(folder name, step) of the newest checkpoint Ray Train registered for a run.
-
-    Ray's own record of a run (``ray.train.Result.from_path``), not a directory listing, says
-    which checkpoints are complete and what Ray resumes from: a folder whose upload was cut
-    short is never registered.
-    """
-    from ray.train import Result
-
-    location = run_dir(storage, name)
-    try:
-        result = Result.from_path(location if is_uri(storage) else str(Path(location).resolve()))
-    except RuntimeError:  # no run folder, or no checkpoint registered in it yet
-        return None
-    except ValueError:  # Ray's record read while Ray rewrote it: the run is still going
-        return None
-    if result.checkpoint is None or "step" not in (result.metrics or {}):
-        return None
-    return posixpath.basename(result.checkpoint.path.rstrip("/")), int(result.metrics["step"])
-
-
-def find_latest_checkpoint(storage: str, name: str) -> str | None:
-    """Path or URI of the checkpoint a relaunch of this run resumes from, if any."""
-    latest = _latest_registered(storage, name)
-    return f"{run_dir(storage, name)}/{latest[0]}" if latest else None
-
-
-def latest_step(storage: str, name: str) -> int:
-    """The step of a run's newest registered checkpoint; 0 for a run without one."""
-    latest = _latest_registered(storage, name)
-    return latest[1] if latest else 0
-
-
 def check_resume(job: TrainJob) -> int:
     """The step a relaunch resumes from (0 for a new run); refuses a checkpoint of another
     network or dataset before any worker starts."""
-    latest = _latest_registered(job.storage, job.name)
+    latest = runtime.latest_registered(job.storage, job.name)
     if latest is None:
         return 0
     dir_name, step = latest
@@ -120,13 +87,6 @@ def check_resume(job: TrainJob) -> int:
         raise RaydiffError(f"cannot resume run {job.name!r} from {dir_name} with data "
                            f"{job.data}: " + "; ".join(diffs))
     return step
-
-
-def check_resources(job: TrainJob) -> None:
-    """Fail before scheduling when the cluster can never place the workers; wait while an
-    autoscaler adds the nodes for workers it can place (``raydiff.cluster``)."""
-    check_placement(f"{job.workers} workers", job.workers,
-                    {"CPU": job.cpus_per_worker, "GPU": job.gpus_per_worker})
 
 
 def check_batch(job: TrainJob, info: parquet.DatasetInfo) -> None:
@@ -203,25 +163,10 @@ def _batches(shard, batch_size: int, device: torch.device,
             yield x0, batch["label"].long()
 
 
-def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-def _mean_over_workers(sums: dict[str, float], count: int, device) -> dict[str, float]:
-    names = sorted(sums)
-    totals = _all_reduce([sums[n] for n in names] + [count], device)
-    return {n: v / totals[-1] for n, v in zip(names, totals[:-1])}
-
-
 def replica_divergence(model: torch.nn.Module, device) -> float:
     """Spread of a weight fingerprint across workers: 0.0 when DDP kept every replica equal."""
     fingerprint = float(sum(p.detach().double().sum() for p in model.parameters()))
-    high, neg_low = _all_reduce([fingerprint, -fingerprint], device, op="max")
+    high, neg_low = runtime.all_reduce([fingerprint, -fingerprint], device, op="max")
     return high + neg_low
 
 
@@ -238,25 +183,13 @@ def _save(engine: Engine, directory: str, counts: list[int], runlog: RunLog | No
 def _report(engine: Engine, metrics: dict, is_ckpt: bool, counts: list[int],
             runlog: RunLog | None, quickeval: QuickEval | None) -> None:
     """Every rank reports (a barrier); rank 0 alone evaluates and writes checkpoint and logs."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    step = engine.step
     if quickeval is not None:
         metrics.update(quickeval(engine.ema.model, engine.cfg))
     if is_ckpt:
         metrics["replica_divergence"] = replica_divergence(engine.model, engine.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if is_ckpt and runlog is not None:
-            _save(engine, os.path.join(tmp, "ckpt"), counts, runlog)
-            ckpt = Checkpoint.from_directory(os.path.join(tmp, "ckpt"))
-        if runlog is not None:
-            runlog.write(metrics, engine.cfg.optim.total_steps)
-            if is_ckpt:
-                runlog.sync()  # object storage: the logs so far, uploaded with the checkpoint
-        ray.train.report(metrics, checkpoint=ckpt,
-                         checkpoint_dir_name=f"checkpoint_{step:09d}" if is_ckpt else None)
+    runtime.report(metrics, engine.step, engine.cfg.optim.total_steps, runlog,
+                   save=(lambda directory: _save(engine, directory, counts, runlog))
+                   if is_ckpt else None)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
@@ -282,6 +215,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
             engine.load(directory)
     start_step = engine.step
     runlog = RunLog(loop_config["log_dir"], cfg, start_step) if rank == 0 else None
+    runtime.route_worker_logs(loop_config, runlog.dir if runlog is not None else None)
     quickeval = None
     if loop_config.get("eval") and rank == 0:
         reference = ray.get(loop_config["eval_reference"][0])
@@ -299,14 +233,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
         x0, y = next(batches)
         try:
             terms = engine.train_step(x0, y)
-        except NonFiniteLossError as err:
-            # Every worker sees the NaN at the same step (gradients are all-reduced), so all
-            # stop here, with no report left unmatched, instead of Ray retrying a failure
-            # that would repeat. Rank 0's return value reaches the driver's Result.
-            if runlog is not None:
-                runlog.error(str(err))
-                runlog.close()
-            return {"error": str(err)}
+        except NonFiniteLossError as err:  # every worker sees it at the same step
+            return runtime.stop_on_error(runlog, err)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
         seen += 1
@@ -314,7 +242,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
         is_ckpt = step % tc.ckpt_every == 0 or step == total
         if not (is_ckpt or step % tc.log_every == 0):
             continue
-        metrics = _mean_over_workers(sums, seen, device)
+        metrics = runtime.mean_over_workers(sums, seen, device)
         metrics.update(step=step, resumed_from=start_step,
                        images_per_s=seen * cfg.optim.batch_size / (time.perf_counter() - tick))
         _report(engine, metrics, is_ckpt, counts, runlog, quickeval)
@@ -326,14 +254,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
 
 # --- the driver -----------------------------------------------------------------------------
 
-def log_dir_for(storage: str, name: str) -> str:
-    """Where rank 0's metrics.jsonl and TensorBoard events go: ``<run>/logs`` in the storage
-    (a URI: staged on its node and uploaded at every checkpoint, ``raydiff.runlog``)."""
-    if is_uri(storage):
-        return f"{run_dir(storage, name)}/logs"
-    return str(Path(run_dir(storage, name), "logs").resolve())
-
-
 def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.DatasetInfo, int]:
     """Validate the request against the data, the storage and (``cluster``: Ray must be up)
     the cluster's resources; no worker starts."""
@@ -343,63 +263,30 @@ def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.
     check_batch(job, info)
     resumed = check_resume(job)
     if cluster:
-        check_resources(job)
+        job.scaling.check()
     return job, info, resumed
 
 
 def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | None = None):
     """The TorchTrainer of a checked job (``prepare_job``); Tune passes its report callback."""
-    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
-                           ScalingConfig)
-    from ray.train.torch import TorchTrainer
-
-    storage = job.storage if is_uri(job.storage) else str(Path(job.storage).resolve())
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": job.cfg.to_dict(),
-            "class_counts": list(info.counts("train")),
-            "log_dir": log_dir_for(job.storage, job.name),
-            "torch_threads": max(1, int(job.cpus_per_worker)),
-            "eval": dataclasses.asdict(job.eval) if job.eval else None,
-            # in a list, so Ray hands the worker the reference, not its 100+ MB of statistics
-            "eval_reference": [job.eval_reference],
-        },
-        scaling_config=ScalingConfig(
-            num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
-            resources_per_worker={"CPU": job.cpus_per_worker,
-                                  **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}),
-        run_config=RunConfig(
-            name=job.name, storage_path=storage, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.cfg.train.num_to_keep),
-            # raydiff's own progress line says what matters; Ray's per-report lines repeat it
-            logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": build_dataset(job.data, info, job.cfg)},
-    )
-
-
-def fit(trainer):
-    """Run a trainer; a failure or a NaN becomes one RaydiffError line."""
-    import ray.train
-
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        raise RaydiffError(f"training failed: {lines[-1]}") from err
-    error = (result.return_value or {}).get("error")
-    if error:
-        kept = result.checkpoint.path if result.checkpoint else "none yet"
-        raise RaydiffError(f"{error}; last good checkpoint: {kept}")
-    return result
+    loop_config = {
+        "config": job.cfg.to_dict(),
+        "class_counts": list(info.counts("train")),
+        "eval": dataclasses.asdict(job.eval) if job.eval else None,
+        # in a list, so Ray hands the worker the reference, not its 100+ MB of statistics
+        "eval_reference": [job.eval_reference],
+    }
+    return runtime.torch_trainer(train_loop_per_worker, loop_config, job.scaling, job.storage,
+                                 job.name, job.cfg.train.num_to_keep,
+                                 datasets={"train": build_dataset(job.data, info, job.cfg)},
+                                 callbacks=callbacks)
 
 
 def run_training(job: TrainJob):
     """Check the job, fit the TorchTrainer; returns the Ray Train ``Result``."""
     job, info, resumed = prepare_job(job, cluster=False)  # every check that needs no Ray
-    init_ray(job.workers * job.cpus_per_worker)
-    check_resources(job)
+    runtime.init_ray(job.workers * job.cpus_per_worker)
+    job.scaling.check()
     if resumed:
         logger.info("resuming run %s from step %d", job.name, resumed)
-    return fit(build_trainer(job, info))
+    return runtime.fit(build_trainer(job, info))

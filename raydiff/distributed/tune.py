@@ -13,7 +13,6 @@ that finished.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -27,12 +26,12 @@ from typing import Any
 from raydiff import config as config_lib
 from raydiff.config import Config
 from raydiff.data import parquet
+from raydiff.distributed import runtime
+from raydiff.distributed.train import TrainJob, build_trainer, prepare_job
 from raydiff.errors import RaydiffError
 from raydiff.metrics import GROUPS
-from raydiff.quickeval import FEATURES, EvalSpec, reference_stats
-from raydiff.cluster import init_ray
+from raydiff.quickeval import COPY_MAX_TRAIN, FEATURES, EvalSpec, ReferenceStats
 from raydiff.storage import Folder
-from raydiff.train import TrainJob, build_trainer, check_resources, fit, prepare_job
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +225,7 @@ def trial_driver(params: dict[str, Any], setup: dict[str, Any]) -> None:
     job: TrainJob = setup["job"]
     cfg = config_lib.apply_overrides(job.cfg, params)
     trial = dataclasses.replace(job, cfg=cfg, name=tune.get_context().get_trial_id())
-    fit(build_trainer(trial, setup["info"], callbacks=[TuneReportCallback()]))
+    runtime.fit(build_trainer(trial, setup["info"], callbacks=[TuneReportCallback()]))
 
 
 def _trial_job(job: SearchJob) -> TrainJob:
@@ -242,13 +241,27 @@ def _trial_job(job: SearchJob) -> TrainJob:
 def max_concurrent(workers_per_trial: int, cpus_per_worker: float, gpus_per_worker: float,
                    limit: int | None = None) -> int:
     """Trials the cluster can run at once, at its largest when it autoscales
-    (``raydiff.cluster``); one CPU a trial is left over for its Ray Data tasks. At most
+    (``raydiff.distributed.runtime``); one CPU a trial is left over for its Ray Data tasks. At most
     ``limit`` (``--max-concurrent-trials``)."""
-    from raydiff.cluster import potential_capacity
 
     bundle = {"CPU": cpus_per_worker + 1 / workers_per_trial, "GPU": gpus_per_worker}
-    fit = max(1, potential_capacity(bundle) // workers_per_trial)
+    fit = max(1, runtime.potential_capacity(bundle) // workers_per_trial)
     return min(fit, limit) if limit else fit
+
+
+def reference_stats(job: SearchJob, info: parquet.DatasetInfo, spec: EvalSpec) -> ReferenceStats:
+    """What every trial's evaluation compares with: the features of the reference split (and
+    of the training split, for the copy rate) from ``raydiff evaluate``'s cached pipeline."""
+    from raydiff.distributed.evaluate import EvalJob, reference_features
+
+    extractor = spec.extractor()
+    request = EvalJob(samples="", reference=job.data, reference_per_class=job.reference_per_class)
+    ref, _ = reference_features(request, extractor, "reference")
+    train = None
+    if info.num_images("train") <= COPY_MAX_TRAIN:
+        rows, _ = reference_features(request, extractor, "train")
+        train = (rows.features, rows.labels)
+    return ReferenceStats.of(spec.feature, info.counts("train"), ref.features, ref.labels, train)
 
 
 def build_tuner(job: SearchJob, restore: bool, checked: tuple):
@@ -259,8 +272,7 @@ def build_tuner(job: SearchJob, restore: bool, checked: tuple):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     train_job, info, spec, metric = checked
-    reference = reference_stats(job.data, spec.feature, job.reference_per_class, spec.weights,
-                                weights_sha256=spec.weights_sha256)
+    reference = reference_stats(job, info, spec)
     train_job = dataclasses.replace(train_job, eval=spec, eval_reference=ray.put(reference))
     # The driver only waits on its TorchTrainer; Tune refuses an empty request, so it asks
     # for a token share of a CPU and the workers hold the real resources.
@@ -310,8 +322,8 @@ def run_search(job: SearchJob) -> dict[str, Any]:
     # data, batch, config, the metric and the Inception weights, all before Ray starts
     train_job, info, _ = prepare_job(_trial_job(job), cluster=False)
     spec, metric = resolve_objective(job)
-    init_ray(job.workers_per_trial * job.cpus_per_worker + 1)
-    check_resources(train_job)
+    runtime.init_ray(job.workers_per_trial * job.cpus_per_worker + 1)
+    train_job.scaling.check()
     tuner = build_tuner(job, restore=True, checked=(train_job, info, spec, metric))
     record_objective(job, spec, metric)
     grid = tuner.fit()
@@ -377,33 +389,6 @@ def _cell(value: Any) -> str:
 
 # --- command line ---------------------------------------------------------------------------
 
-def add_arguments(parser) -> None:
-    """The options of ``raydiff tune`` (config options come from the CLI's shared group)."""
-    add = parser.add_argument
-    add("--data", required=True, help="a prepared dataset")
-    add("--space", help="search space file (YAML or JSON); default: alpha, gamma, t_align, tau")
-    add("--trials", type=int, default=8, help="trials to sample (grid values multiply this)")
-    add("--objective", default="fid_tail",
-        help="what to optimise: fid_tail, fid, fid_head, fid_body (Inception features: needs "
-             "the weights), fd_pixels_tail, ... (8x8 pixel statistics: no download), "
-             "FEATURES:METRIC for the sample metrics in either space (pixels:diversity_tail, "
-             "inception:copy_rate_tail), or a training loss (loss, ddpm, ucl, al). Diversity is "
-             "maximised, every other metric minimised. Recorded in the search folder: a resumed "
-             "search keeps it (default: fid_tail)")
-    add("--metric", dest="objective", help=argparse.SUPPRESS)  # the old spelling
-    add("--max-concurrent-trials", type=int,
-        help="run at most this many trials at once (default: as many as the cluster can hold, "
-             "at its largest when it autoscales)")
-    add("--scheduler", default="asha", choices=("asha", "fifo"))
-    add("--max-steps", type=int, default=2000, help="training steps per trial")
-    add("--eval-every", type=int, help="steps between evaluations (default: max-steps / 4)")
-    add("--eval-per-class", type=int, default=10, help="images per class at each evaluation")
-    add("--eval-steps", type=int, default=10, help="DDIM steps at each evaluation")
-    add("--reference-per-class", type=int, default=100,
-        help="reference images per class in the reference statistics")
-    add("--inception-weights", help="InceptionV3 weights file (otherwise cache or download)")
-
-
 def job_from_args(args, base: Config) -> SearchJob:
     space = load_space(args.space) if args.space else DEFAULT_SPACE
     if args.space:
@@ -411,8 +396,8 @@ def job_from_args(args, base: Config) -> SearchJob:
     return SearchJob(
         data=args.data, base=base, storage=args.storage, name=args.name or f"{base.preset}-search",
         space=space, trials=args.trials, objective=args.objective, scheduler=args.scheduler,
-        max_steps=args.max_steps, eval_every=args.eval_every or max(1, args.max_steps // 4),
-        workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
+        max_steps=args.steps, eval_every=args.eval_every or max(1, args.steps // 4),
+        workers_per_trial=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, eval_per_class=args.eval_per_class,
         eval_steps=args.eval_steps, reference_per_class=args.reference_per_class,
         inception_weights=args.inception_weights,

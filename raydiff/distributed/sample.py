@@ -10,9 +10,7 @@ The pipeline (``run_sampling``)::
                                                    EMA network loaded once per actor; PNG bytes
       -> ShardWriter (driver)                      one Parquet file per shard, written atomically
 
-What an image is: image ``i`` has label ``classes[i % len(classes)]`` (labels interleave, so
-counts per class are exact and any prefix of shards is balanced) and seed
-``seed * 2**32 + i``, from which it draws all of its noise (``raydiff.samplers``).
+What an image is, and the output folder: ``raydiff.data.samples``.
 
 Why a fixed forward batch: one seed per image is not enough for identical bytes, because the
 network is not batch-invariant: oneDNN on CPU (cuDNN on GPU) picks kernels by batch shape, so
@@ -25,28 +23,14 @@ and thrown away. Whatever the number of actors or the Ray Data batch size, every
 computed in the same block at the same position: the same bytes. ``forward_batch`` is part of
 the run's identity; a batch size that is a multiple of it wastes nothing on padding.
 
-Output folder::
-
-    OUT/manifest.json                  checkpoint identity, sampler, seeds rule, counts
-    OUT/shards/shard-00000.parquet     index, label, seed, image (PNG bytes), index order
-    OUT/images/<label>/<index>.png     --format imagefolder (torchvision ImageFolder reads it)
-    OUT/samples_NxHxWx3.npz            --format npz: arr_0 uint8 NHWC, arr_1 labels (ADM's)
-
-OUT (and the checkpoint) may be a path or a URI (``s3://``, ``gs://``; ``raydiff.storage``).
-
-Resume: a shard file exists only once complete (a temporary name renamed into place; on an
-object store, an object appears when its upload completes), so a rerun of the same command
-samples just the missing shards. The Parquet shards are the record of the run;
-``imagefolder`` and ``npz`` are exports made from them once every shard exists, and the
-manifest lists a format once its export is complete. A folder that holds a different run is
-refused.
+Resume: a shard file exists only once complete, so a rerun of the same command samples just
+the missing shards. A folder that holds a different run is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -54,36 +38,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 import raydiff
+from raydiff import checkpoint as checkpoint_lib
 from raydiff.checkpoint import read_config, read_step
-from raydiff.config import Config, SampleConfig
-from raydiff.data.images import decode_images, encode_png_batch
+from raydiff.config import Config
+from raydiff.data.images import encode_png_batch
+from raydiff.data.samples import (
+    COLUMNS,
+    EXPORTS,
+    FORMAT_VERSION,
+    FORMATS,
+    LABELS_RULE,
+    MANIFEST,
+    SEEDS_RULE,
+    SHARDS_DIR,
+    SamplePlan,
+    finished_shards,
+    load_manifest,
+    write_shard,
+)
 from raydiff.diffusion import GaussianDiffusion
+from raydiff.distributed import runtime
 from raydiff.engine import open_for_sampling
 from raydiff.errors import RaydiffError
-from raydiff.samplers import sample_images, to_uint8
-from raydiff.storage import Folder, atomic_path, latest_checkpoint_folder, local_copy, to_buffer
+from raydiff.samplers import sample_aligned
+from raydiff.storage import Folder, local_copy
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SHARDS_DIR = "shards"
-IMAGES_DIR = "images"
-FORMATS = ("parquet", "imagefolder", "npz")
-SEED_STRIDE = 2 ** 32  # seed of image i = seed * SEED_STRIDE + i
-SEEDS_RULE = "seed of image i = seed * 2**32 + i"
-LABELS_RULE = "label of image i = classes[i % len(classes)]"
-SHARD_SCHEMA = pa.schema([pa.field("index", pa.int64(), nullable=False),
-                          pa.field("label", pa.int64(), nullable=False),
-                          pa.field("seed", pa.int64(), nullable=False),
-                          pa.field("image", pa.binary(), nullable=False)])
-_COLUMNS = tuple(SHARD_SCHEMA.names)
-
 
 @dataclass(frozen=True)
 class SampleJob:
@@ -107,34 +90,6 @@ class SampleJob:
 
 
 @dataclass(frozen=True)
-class SamplePlan:
-    """Which image every index is: label, seed and shard."""
-
-    classes: tuple[int, ...]
-    per_class: int
-    seed: int
-    shard_size: int
-
-    @property
-    def num_images(self) -> int:
-        return self.per_class * len(self.classes)
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_images // self.shard_size)
-
-    def shard_bounds(self, shard: int) -> tuple[int, int]:
-        start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.num_images)
-
-    def labels(self, indices: np.ndarray) -> np.ndarray:
-        return np.asarray(self.classes, np.int64)[np.asarray(indices) % len(self.classes)]
-
-    def seeds(self, indices: np.ndarray) -> np.ndarray:
-        return self.seed * SEED_STRIDE + np.asarray(indices, np.int64)
-
-
-@dataclass(frozen=True)
 class SampleRun:
     """A checked request: the plan, the checkpoint and the settings every actor uses."""
 
@@ -150,31 +105,7 @@ class SampleRun:
         return self.job.batch_size or 4 * self.job.forward_batch
 
 
-# --- the core: deterministic sampling without Ray -------------------------------------------
-
-def sample_aligned(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: SampleConfig,
-                   indices: np.ndarray, labels: np.ndarray, seeds: np.ndarray,
-                   forward_batch: int) -> np.ndarray:
-    """uint8 NHWC images of the given indices, each computed at its fixed block position.
-
-    Block b of ``forward_batch`` rows holds indices [b M, (b+1) M); a row whose index is not
-    requested is padding (a copy of a requested row), so the network always sees M rows and
-    image i always sits at row i % M.
-    """
-    indices, labels, seeds = (np.asarray(a, np.int64) for a in (indices, labels, seeds))
-    res = model.cfg.resolution
-    out = np.empty((len(indices), res, res, model.cfg.in_channels), np.uint8)
-    blocks = indices // forward_batch
-    for block in np.unique(blocks):
-        rows = np.flatnonzero(blocks == block)
-        slots = indices[rows] % forward_batch
-        block_labels = np.full(forward_batch, labels[rows[0]])
-        block_seeds = np.full(forward_batch, seeds[rows[0]])
-        block_labels[slots], block_seeds[slots] = labels[rows], seeds[rows]
-        images = sample_images(model, diffusion, block_labels.tolist(), block_seeds.tolist(), cfg)
-        out[rows] = to_uint8(images)[slots]
-    return out
-
+# --- Ray Data batch functions ----------------------------------------------------------------
 
 def assign_labels_and_seeds(batch: dict, plan: SamplePlan, skip_shards: frozenset) -> dict:
     """Ray Data batch function: ``id`` -> index, label, seed; indices past the end or in a
@@ -220,11 +151,7 @@ class SampleActor:
 def resolve_checkpoint(location: str | Path) -> str:
     """A checkpoint folder (path or URI) as given, or the latest ``checkpoint_<step>`` of a run
     folder."""
-    if not Folder(location).is_file("config.json"):
-        latest = latest_checkpoint_folder(location, "state.json")
-        if latest is not None:
-            return latest
-    return Folder(location).location
+    return checkpoint_lib.resolve_checkpoint(location, "state.json")
 
 
 def local_checkpoint(location: str) -> Path:
@@ -296,20 +223,6 @@ def prepare_run(job: SampleJob) -> SampleRun:
 
 # --- the output folder ----------------------------------------------------------------------
 
-def load_manifest(out: str | Path) -> dict:
-    folder = Folder(out)
-    where = folder.uri(MANIFEST)
-    try:
-        data = folder.read_json(MANIFEST)
-    except FileNotFoundError:
-        raise RaydiffError(f"{where} does not exist: not a 'raydiff sample' folder") from None
-    except json.JSONDecodeError as err:
-        raise RaydiffError(f"{where} line {err.lineno}: {err.msg}") from None
-    if data.get("kind") != "raydiff-samples" or "identity" not in data:
-        raise RaydiffError(f"{where} is not a raydiff sample manifest")
-    return data
-
-
 def _flat(identity: dict) -> dict:
     """``{"sampler": {"steps": 4}}`` -> ``{"steps": 4}``: the names the command line uses."""
     flat = {}
@@ -363,40 +276,6 @@ def claim_output(run: SampleRun) -> dict:
     return manifest
 
 
-def shard_name(shard: int) -> str:
-    return f"{SHARDS_DIR}/shard-{shard:05d}.parquet"
-
-
-def _footer_rows(folder: Folder, name: str) -> tuple[int | None, str | None]:
-    """A shard's row count from its Parquet footer, or None and why it cannot be read."""
-    try:
-        with folder.open_input_file(name) as f:
-            return pq.read_metadata(f).num_rows, None
-    except (pa.ArrowInvalid, OSError) as err:
-        return None, str(err).splitlines()[0]
-
-
-def finished_shards(out: str | Path, plan: SamplePlan) -> set[int]:
-    """Shards on storage with the expected row count; stale temporary files are removed."""
-    folder = Folder(out)
-    for stale in folder.names(SHARDS_DIR, ".shard-*.tmp-*"):  # left by a killed run
-        folder.delete(f"{SHARDS_DIR}/{stale}")
-    present = set(folder.names(SHARDS_DIR, "shard-*.parquet"))
-    done = set()
-    for shard in range(plan.num_shards):
-        name = shard_name(shard)
-        start, stop = plan.shard_bounds(shard)
-        if name.split("/")[1] in present:
-            rows, damage = _footer_rows(folder, name)
-            if damage:
-                logger.warning("%s is damaged (%s): sampling it again", folder.uri(name), damage)
-            if rows == stop - start:
-                done.add(shard)
-            else:
-                folder.delete(name)  # short or unreadable: written again by this run
-    return done
-
-
 class ShardWriter:
     """Collects actor output by shard and writes each shard when all its rows are in."""
 
@@ -412,7 +291,7 @@ class ShardWriter:
         for shard in np.unique(shards):
             take = shards == shard
             self.parts.setdefault(int(shard), []).append(
-                {name: np.asarray(batch[name])[take] for name in _COLUMNS})
+                {name: np.asarray(batch[name])[take] for name in COLUMNS})
             self.rows[int(shard)] = self.rows.get(int(shard), 0) + int(take.sum())
             start, stop = self.plan.shard_bounds(int(shard))
             if self.rows[int(shard)] == stop - start:
@@ -420,14 +299,8 @@ class ShardWriter:
 
     def _write(self, shard: int, start: int, stop: int) -> None:
         parts = self.parts.pop(shard)
-        columns = {name: np.concatenate([p[name] for p in parts]) for name in _COLUMNS}
-        order = np.argsort(columns["index"], kind="stable")
-        if not np.array_equal(columns["index"][order], np.arange(start, stop)):
-            raise RuntimeError(f"shard {shard}: rows do not cover indices {start}..{stop - 1}")
-        table = pa.table({name: pa.array(columns[name][order], SHARD_SCHEMA.field(name).type)
-                          for name in _COLUMNS}, schema=SHARD_SCHEMA)
-        self.out.write_bytes(shard_name(shard), to_buffer(
-            lambda f: pq.write_table(table, f, compression="NONE")))
+        columns = {name: np.concatenate([p[name] for p in parts]) for name in COLUMNS}
+        write_shard(self.out, shard, columns, start, stop)
         del self.rows[shard]
         self.written, self.images = self.written + 1, self.images + stop - start
         elapsed = time.monotonic() - self.start
@@ -437,91 +310,10 @@ class ShardWriter:
                     datetime.timedelta(seconds=round(eta)))
 
 
-# --- reading a sample folder ----------------------------------------------------------------
-
-def shard_paths(out: str | Path) -> list[str]:
-    """The shard files (paths or URIs) of a complete sample folder, in index order."""
-    folder, manifest = Folder(out), load_manifest(out)
-    present = set(folder.names(SHARDS_DIR, "shard-*.parquet"))
-    names = [shard_name(k) for k in range(manifest["num_shards"])]
-    missing = [n for n in names if n.split("/")[1] not in present]
-    if missing:
-        raise RaydiffError(f"{out} is incomplete: {len(missing)} of {len(names)} shards missing "
-                           f"(first: {missing[0]}); rerun the same 'raydiff sample' command")
-    size, total = manifest["identity"]["shard_size"], manifest["num_images"]
-    for k, name in enumerate(names):
-        rows, damage = _footer_rows(folder, name)
-        if damage:
-            raise RaydiffError(f"{folder.uri(name)} is damaged ({damage}); rerun the same "
-                               "'raydiff sample' command to sample it again")
-        if rows != min(size, total - k * size):
-            raise RaydiffError(f"{folder.uri(name)} holds {rows} images, not "
-                               f"{min(size, total - k * size)}; rerun the same 'raydiff sample' "
-                               "command to sample it again")
-    return [folder.uri(n) for n in names]
-
-
-def read_samples(out: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A complete sample folder as (uint8 NHWC images, labels, seeds), in index order."""
-    folder = Folder(out)
-    paths = [folder.path(shard_name(k)) for k in range(len(shard_paths(out)))]
-    table = pq.read_table(paths, columns=["image", "label", "seed"], filesystem=folder.fs)
-    return (decode_images(table.column("image").to_pylist()),
-            table.column("label").to_numpy(), table.column("seed").to_numpy())
-
-
-def label_folder(label: int, num_classes: int) -> str:
-    """Zero-padded, so ImageFolder's sorted folder order is label order."""
-    return f"{label:0{len(str(max(num_classes - 1, 0)))}d}"
-
-
-def _shard_rows(out: str | Path):
-    """(index, label, PNG bytes) of every image, shard by shard."""
-    folder = Folder(out)
-    for k in range(len(shard_paths(out))):
-        with folder.open_input_file(shard_name(k)) as f:
-            table = pq.read_table(f, columns=["index", "label", "image"])
-        yield from zip(*(table.column(c).to_pylist() for c in ("index", "label", "image")))
-
-
-def _export_imagefolder(out: Folder, manifest: dict) -> None:
-    """images/<label>/<index>.png. Locally the folder appears whole (one rename); on an object
-    store each file does, and the manifest lists the format once all are there."""
-    num_classes = manifest["identity"]["num_classes"]
-    if out.local is None:
-        for index, label, data in _shard_rows(out.location):
-            out.write_bytes(f"{IMAGES_DIR}/{label_folder(label, num_classes)}/{index:08d}.png",
-                            data)
-        return
-    if (out.local / IMAGES_DIR).is_dir():
-        return
-    with atomic_path(out.local / IMAGES_DIR) as tmp:
-        for index, label, data in _shard_rows(out.location):
-            folder = tmp / label_folder(label, num_classes)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{index:08d}.png").write_bytes(data)
-
-
-def npz_name(manifest: dict) -> str:
-    res = manifest["identity"]["resolution"]
-    return f"samples_{manifest['num_images']}x{res}x{res}x3.npz"
-
-
-def _export_npz(out: Folder, manifest: dict) -> None:
-    if out.is_file(npz_name(manifest)):
-        return
-    images, labels, _ = read_samples(out.location)
-    with out.writing_file(npz_name(manifest)) as tmp, open(tmp, "wb") as f:
-        np.savez(f, arr_0=images, arr_1=labels)  # a file object: numpy adds no second ".npz"
-
-
-_EXPORTS = {"imagefolder": _export_imagefolder, "npz": _export_npz}
-
-
 def _finish(run: SampleRun, manifest: dict) -> dict:
     out = Folder(run.job.out)
-    if run.job.format in _EXPORTS and run.job.format not in manifest["formats"]:
-        _EXPORTS[run.job.format](out, manifest)
+    if run.job.format in EXPORTS and run.job.format not in manifest["formats"]:
+        EXPORTS[run.job.format](out, manifest)
     formats = sorted(set(manifest["formats"]) | {"parquet", run.job.format})
     manifest = {**manifest, "formats": formats, "complete": True}
     out.write_json(MANIFEST, manifest)
@@ -567,20 +359,11 @@ def build_pipeline(run: SampleRun, skip: frozenset):
         compute=ray.data.ActorPoolStrategy(size=job.actors),
         batch_size=run.batch_size, batch_format="numpy",
         num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
-    return quiet(ds)
-
-
-def quiet(ds):
-    """No progress bars or execution banners: the shard log lines say how far it is."""
-    ds.context.enable_progress_bars = False
-    ds.context.print_on_execution_start = False
-    return ds
+    return runtime.quiet(ds)
 
 
 def run_sampling(job: SampleJob) -> SampleResult:
     """Sample what ``job.out`` lacks, then write the requested export and the manifest."""
-    from raydiff.cluster import init_ray
-
     run = prepare_run(job)
     manifest = claim_output(run)
     done = finished_shards(job.out, run.plan)
@@ -589,7 +372,7 @@ def run_sampling(job: SampleJob) -> SampleResult:
     if todo:
         logger.info("sample: %d of %d shards to sample (%d on disk) into %s", todo,
                     run.plan.num_shards, len(done), job.out)
-        init_ray(job.actors * job.cpus_per_actor)
+        runtime.init_ray(job.actors * job.cpus_per_actor)
         writer = ShardWriter(job.out, run.plan, todo)
         for batch in build_pipeline(run, frozenset(done)).iter_batches(batch_size=None,
                                                                        batch_format="numpy"):

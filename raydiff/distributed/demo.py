@@ -29,7 +29,14 @@ from PIL import Image
 
 from raydiff import config as config_lib
 from raydiff.data import parquet
+from raydiff.data.prepare import builtin_dataset
 from raydiff.data.resample import class_ranks
+from raydiff.data.samples import read_samples
+from raydiff.distributed import runtime
+from raydiff.distributed.evaluate import EvalJob, run_evaluation
+from raydiff.distributed.runtime import find_latest_checkpoint
+from raydiff.distributed.sample import SampleJob, run_sampling
+from raydiff.distributed.train import TrainJob, prepare_job, run_training
 from raydiff.errors import RaydiffError
 from raydiff.features import CLASSIFIER_PREFIX, WeightsUnavailable, resolve_weights
 from raydiff.metrics import GROUPS, class_groups
@@ -45,19 +52,6 @@ _HOLDOUT_EVERY = 10  # every 10th reference image is held out of the feature cla
 _CLASSIFIER = dict(arch="resnet10", width=16, epochs=8, batch_size=64, warmup_epochs=1.0)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", default="runs", help="where everything goes (default: runs)")
-    parser.add_argument("--name", default="demo", help="run name (default: demo)")
-    parser.add_argument("--steps", type=int,
-                        help="training steps (default: the tiny-vpred preset's, 1500)")
-    parser.add_argument("--per-class", type=int, default=20,
-                        help="generated images per class (default: 20)")
-    parser.add_argument("--actors", type=int, default=2, help="sampling / Inception actors")
-    parser.add_argument("--no-copy-metrics", action="store_true",
-                        help="skip the copy rate and diversity (they need the features of the "
-                             "2040 training images too)")
-
-
 @dataclass
 class DemoReport:
     run_dir: Path
@@ -71,8 +65,6 @@ def _timed(report: DemoReport, stage: str, start: float) -> None:
 
 def _train(args: argparse.Namespace, data: str, report: DemoReport) -> str:
     """The checkpoint of the finished demo run: trained now, or found from a previous demo."""
-    from raydiff.train import TrainJob, find_latest_checkpoint, prepare_job, run_training
-
     overrides = [f"optim.total_steps={args.steps}"] if args.steps else []
     cfg = config_lib.resolve(DEMO_PRESET, overrides=overrides)
     # One worker with both cores: on 2 CPUs, DDP between two 1-thread workers is slower.
@@ -95,8 +87,6 @@ def _train(args: argparse.Namespace, data: str, report: DemoReport) -> str:
 
 
 def _sample(args: argparse.Namespace, checkpoint: str, report: DemoReport) -> str:
-    from raydiff.sample import SampleJob, run_sampling
-
     out = str(report.run_dir / "samples")
     start = time.monotonic()
     result = run_sampling(SampleJob(checkpoint=checkpoint, out=out, per_class=args.per_class,
@@ -126,8 +116,6 @@ def nearest_train_distance(images: np.ndarray, labels: np.ndarray, train_images:
 
 
 def _no_download_report(samples: str, data: str, report: DemoReport) -> None:
-    from raydiff.sample import read_samples
-
     info = parquet.load_info(data)
     images, labels, _ = read_samples(samples)
     counts = np.bincount(labels, minlength=info.num_classes)
@@ -147,8 +135,13 @@ def _no_download_report(samples: str, data: str, report: DemoReport) -> None:
 def feature_classifier(data: str, out: Path) -> tuple[str, float]:
     """A small classifier of the reference split for the offline feature space, trained here
     (or found from a previous demo); its checkpoint and its top-1 on held-out images."""
-    from raydiff.classifier import (META_FILE, ClassifierConfig, ClassifierFeatures,
-                                    fit_to_data, train_classifier)
+    from raydiff.classifier import (
+        META_FILE,
+        ClassifierConfig,
+        ClassifierFeatures,
+        fit_to_data,
+        train_classifier,
+    )
 
     images, labels = parquet.read_split_arrays(data, "reference")
     held_out = np.arange(len(labels)) % _HOLDOUT_EVERY == 0
@@ -165,8 +158,6 @@ def feature_classifier(data: str, out: Path) -> tuple[str, float]:
 
 def _evaluate(args: argparse.Namespace, samples: str, data: str, report: DemoReport) -> str:
     """The metrics table, in Inception's feature space or else in a classifier's."""
-    from raydiff.evaluate import EvalJob, run_evaluation
-
     start = time.monotonic()
     try:
         weights = str(resolve_weights(args.inception_weights, download=not args.no_download))
@@ -214,16 +205,13 @@ def _write_report(report: DemoReport, data: str, checkpoint: str, samples: str,
 
 
 def run_demo(args: argparse.Namespace) -> DemoReport:
-    from raydiff.cli import builtin_dataset
-    from raydiff.cluster import init_ray
-
     if args.per_class < 2:
         raise RaydiffError(f"--per-class must be at least 2, got {args.per_class}")
     begin = time.monotonic()
     report = DemoReport(run_dir=Path(args.storage) / args.name)
     cfg = config_lib.resolve(DEMO_PRESET)
     data = builtin_dataset(args.storage, cfg.model.resolution)
-    init_ray(max(2.0, float(args.actors)))
+    runtime.init_ray(max(2.0, float(args.actors)))
     checkpoint = _train(args, data, report)
     samples = _sample(args, checkpoint, report)
     _no_download_report(samples, data, report)

@@ -36,9 +36,18 @@ import numpy as np
 from raydiff import config as config_lib
 from raydiff.config import Config
 from raydiff.data import parquet
+from raydiff.data.prepare import builtin_dataset
+from raydiff.distributed import runtime
+from raydiff.distributed.demo import feature_classifier
+from raydiff.distributed.evaluate import METRICS_FILE, EvalJob, run_evaluation
+from raydiff.distributed.runtime import find_latest_checkpoint, latest_step
+from raydiff.distributed.sample import SampleJob, run_sampling
+from raydiff.distributed.train import TrainJob, build_trainer, check_resume, fit_config_to_data, prepare_job
+from raydiff.distributed.tune import max_concurrent
 from raydiff.errors import RaydiffError
-from raydiff.features import CLASSIFIER_PREFIX, resolve_extractor
+from raydiff.features import CLASSIFIER_PREFIX, WeightsUnavailable, resolve_extractor, resolve_weights
 from raydiff.metrics import GROUPS, SHOT_GROUPS
+from raydiff.storage import Folder, json_safe, to_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +156,6 @@ def check_study(job: StudyJob) -> None:
         raise RaydiffError(f"--seeds must be distinct integers >= 0, got {list(job.seeds)}")
     if job.per_class < 2:
         raise RaydiffError(f"--per-class must be at least 2, got {job.per_class}")
-    from raydiff.train import prepare_job
-
     parquet.check_split(job.data, "reference")
     prepare_job(_train_job(job), cluster=False)  # the training split and the batch
     if job.features == "inception" or job.features.startswith(CLASSIFIER_PREFIX):
@@ -164,12 +171,9 @@ def check_study(job: StudyJob) -> None:
 
 
 def _write_spec(job: StudyJob) -> None:
-    job.dir.mkdir(parents=True, exist_ok=True)
-    path = job.dir / SPEC_FILE
-    if not path.is_file():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(job.spec(), indent=2, sort_keys=True))
-        tmp.replace(path)
+    folder = Folder(job.dir)
+    if not folder.is_file(SPEC_FILE):
+        folder.write_json(SPEC_FILE, job.spec())
 
 
 # --- training: a Tune grid over (variant, seed) -----------------------------------------------
@@ -178,36 +182,27 @@ def trial_driver(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """One (variant, seed): a TorchTrainer over its config, its Train run named after both."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raydiff.train import build_trainer, fit, fit_config_to_data
-
     study: StudyJob = setup["study"]
     variant = next(v for v in study.variants if v.label == params["variant"])
     seed = int(params["seed"])
     cfg = fit_config_to_data(study.config(variant, seed), setup["info"])
     job = dataclasses.replace(setup["job"], cfg=cfg, name=study.run_name(variant.label, seed))
-    fit(build_trainer(job, setup["info"], callbacks=[TuneReportCallback()]))
+    runtime.fit(build_trainer(job, setup["info"], callbacks=[TuneReportCallback()]))
 
 
 def _train_job(job: StudyJob):
-    from raydiff.train import TrainJob
-
     return TrainJob(data=job.data, cfg=job.base, storage=job.runs_storage, name="study",
                     workers=job.workers_per_trial, gpus_per_worker=job.gpus_per_worker,
                     cpus_per_worker=job.cpus_per_worker, max_failures=1)
 
 
 def _run_done(job: StudyJob, label: str, seed: int) -> bool:
-    from raydiff.train import latest_step
-
     return latest_step(job.runs_storage, job.run_name(label, seed)) >= job.base.optim.total_steps
 
 
 def train_all(job: StudyJob) -> None:
     """Fit (or resume) the Tune grid; every run ends with a checkpoint at the last step."""
     from ray import tune
-
-    from raydiff.train import check_resume, fit_config_to_data, prepare_job
-    from raydiff.tune import max_concurrent
 
     train_job = _train_job(job)
     _, info, _ = prepare_job(train_job)  # batch, data and cluster resources
@@ -254,9 +249,7 @@ def resolve_features(job: StudyJob) -> tuple[str, str | None]:
     """The feature space every run is measured in, and the Inception weights if used.
 
     ``auto``: Inception when its weights can be had, otherwise a classifier of the reference
-    split, trained once per study (``raydiff.demo.feature_classifier``)."""
-    from raydiff.features import CLASSIFIER_PREFIX, WeightsUnavailable, resolve_weights
-
+    split, trained once per study (``raydiff.distributed.demo.feature_classifier``)."""
     if job.features not in ("auto", "inception"):
         return job.features, None
     try:
@@ -264,8 +257,6 @@ def resolve_features(job: StudyJob) -> tuple[str, str | None]:
     except WeightsUnavailable as err:
         if job.features == "inception":
             raise RaydiffError(f"Inception weights unavailable: {err}") from None
-        from raydiff.demo import feature_classifier
-
         checkpoint, top1 = feature_classifier(job.data, job.dir / "feature-classifier")
         logger.warning("Inception weights unavailable (%s): every run is measured in the "
                        "feature space of a classifier of the reference split (top-1 %.3f on "
@@ -275,10 +266,6 @@ def resolve_features(job: StudyJob) -> tuple[str, str | None]:
 
 def sample_and_evaluate(job: StudyJob, features: str, weights: str | None) -> list[dict]:
     """Sample and evaluate every run (a run whose metrics.json exists is read back)."""
-    from raydiff.evaluate import METRICS_FILE, EvalJob, run_evaluation
-    from raydiff.sample import SampleJob, run_sampling
-    from raydiff.train import find_latest_checkpoint
-
     runs = []
     for variant in job.variants:
         for seed in job.seeds:
@@ -463,26 +450,19 @@ def chart(study: dict):
 
 
 def write_outputs(job: StudyJob, study: dict) -> None:
-    """study.json, study.md and study.png, each written whole (temporary file, then rename)."""
-    from raydiff.evaluate import _finite
-
-    for filename, write in [
-            (JSON_FILE, lambda p: p.write_text(json.dumps(_finite(study), indent=2))),
-            (MARKDOWN_FILE, lambda p: p.write_text(markdown(study))),
-            (CHART_FILE, lambda p: chart(study).save(p, format="PNG"))]:
-        tmp = job.dir / f".{filename}.tmp"
-        write(tmp)
-        tmp.replace(job.dir / filename)
+    """study.json, study.md and study.png, each written whole."""
+    folder = Folder(job.dir)
+    folder.write_json(JSON_FILE, json_safe(study))
+    folder.write_bytes(MARKDOWN_FILE, markdown(study).encode("utf-8"))
+    folder.write_bytes(CHART_FILE, to_buffer(lambda f: chart(study).save(f, format="PNG")))
 
 
 # --- the command ----------------------------------------------------------------------------
 
 def run_study(job: StudyJob) -> dict:
     """Train (or resume) every run, sample and evaluate each, write the study's files."""
-    from raydiff.cluster import init_ray
-
     check_study(job)
-    init_ray(max(job.workers_per_trial * job.cpus_per_worker, job.actors * job.cpus_per_actor))
+    runtime.init_ray(max(job.workers_per_trial * job.cpus_per_worker, job.actors * job.cpus_per_actor))
     _write_spec(job)
     start = time.monotonic()
     train_all(job)
@@ -499,28 +479,7 @@ def run_study(job: StudyJob) -> dict:
     return study
 
 
-def add_arguments(parser) -> None:
-    add = parser.add_argument
-    add("--data", help="a prepared dataset (default: the built-in shapes dataset)")
-    add("--methods", nargs="+", default=["ddpm", "cbdm", "ccua"], metavar="VARIANT",
-        help="variants to compare, the first being the baseline of the differences: ddpm, "
-             "cbdm, ccua, or LABEL:section.key=value,... (default: ddpm cbdm ccua)")
-    add("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
-    add("--steps", type=int, help="training steps of every run (default: the preset's)")
-    add("--per-class", type=int, default=50, help="generated images per class and run")
-    add("--features", default="auto", metavar="auto|inception|classifier:CKPT",
-        help="feature space of every evaluation (default auto: Inception when its weights can "
-             "be had, else a classifier of the reference split trained by the study)")
-    add("--name", help="study name; the same name and storage resume it (default: "
-                       "<preset>-study)")
-    add("--actors", type=int, default=1, help="Ray Data actors for sampling and evaluation")
-    add("--cpus-per-actor", type=float, default=1.0)
-    add("--gpus-per-actor", type=float, default=0.0)
-
-
 def job_from_args(args, base: Config) -> StudyJob:
-    from raydiff.cli import builtin_dataset
-
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
@@ -534,7 +493,7 @@ def job_from_args(args, base: Config) -> StudyJob:
         variants=tuple(parse_variant(text, base) for text in args.methods), seeds=seeds,
         per_class=args.per_class, features=args.features,
         inception_weights=args.inception_weights, download=not args.no_download,
-        reference_per_class=args.reference_per_class, workers_per_trial=args.workers_per_trial,
+        reference_per_class=args.reference_per_class, workers_per_trial=args.workers,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         actors=args.actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor)

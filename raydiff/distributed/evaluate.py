@@ -39,11 +39,12 @@ import torch
 from raydiff import metrics as metrics_lib
 from raydiff.data import parquet
 from raydiff.data.images import decode_images
+from raydiff.data.samples import load_manifest, shard_paths
+from raydiff.distributed import runtime
 from raydiff.errors import RaydiffError
 from raydiff.features import Extractor, resolve_extractor
 from raydiff.metrics import GROUPS, METRICS, SHOT_GROUPS, FeatureStats
-from raydiff.sample import load_manifest, quiet, shard_paths
-from raydiff.storage import Folder, atomic_path, to_buffer
+from raydiff.storage import Folder, atomic_path, json_safe, to_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def _extract(ds, job: EvalJob, extractor: Extractor, feature_set: FeatureSet,
                                "with_logits": feature_set.logits is not None},
         compute=ray.data.ActorPoolStrategy(size=job.actors), batch_size=job.batch_size,
         batch_format="numpy", num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
-    for batch in quiet(ds).iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in runtime.quiet(ds).iter_batches(batch_size=None, batch_format="numpy"):
         feature_set.add(batch)
         if on_batch is not None:
             on_batch(batch)
@@ -221,13 +222,8 @@ def sample_features(job: EvalJob, manifest: dict, paths: list[str], extractor: E
 
 def reference_identity(reference: str) -> str:
     """sha256 over the reference's dataset.json and the bytes of its reference shards."""
-    digest, folder = hashlib.sha256(), Folder(reference)
-    for relative in [parquet.INFO_FILE, *parquet.load_info(reference).files["reference"]]:
-        digest.update(relative.encode() + b"\0")
-        with folder.fs.open_input_stream(folder.path(relative)) as stream:
-            while block := stream.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+    names = [parquet.INFO_FILE, *parquet.load_info(reference).files["reference"]]
+    return Folder(reference).sha256(names, named=True)
 
 
 def _reference_positions(reference: str, per_class: int | None,
@@ -352,35 +348,20 @@ def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], re
     return out
 
 
-def _finite(value):
-    """NaN (a metric that needs more images than there are) as JSON null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def _write_outputs(out: Folder, result: dict) -> None:
     from raydiff.report import metrics_chart
 
-    out.write_json(METRICS_FILE, _finite(result))
+    out.write_json(METRICS_FILE, json_safe(result))
     out.write_bytes(CHART_FILE, to_buffer(lambda f: metrics_chart(result).save(f, format="PNG")))
 
 
 def run_evaluation(job: EvalJob) -> dict:
     """Extract features, compute the metrics, write metrics.json and metrics.png."""
-    from raydiff.cluster import init_ray
-
     manifest, info, paths = check_job(job)
     extractor = resolve_extractor(job.features, job.inception_weights, job.download)
     check_extractor(extractor, info)
     classifier = extractor.kind == "classifier"
-    init_ray(job.actors * job.cpus_per_actor)
+    runtime.init_ray(job.actors * job.cpus_per_actor)
     start = time.monotonic()
     ref, cache_hit = reference_features(job, extractor)
     train = reference_features(job, extractor, "train")[0] if job.copying else None

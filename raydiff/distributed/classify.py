@@ -21,27 +21,34 @@ of the reference split; the driver writes ``results.json`` (written whole) and
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raydiff.classifier import (META_FILE, ClassifierConfig, ClassifierTrainer, accuracy_report,
-                                config_differences, correct_counts, fit_to_data, predict,
-                                steps_per_epoch)
+from raydiff.classifier import (
+    META_FILE,
+    ClassifierConfig,
+    ClassifierTrainer,
+    accuracy_report,
+    config_differences,
+    correct_counts,
+    fit_to_data,
+    predict,
+    steps_per_epoch,
+)
 from raydiff.data import parquet
 from raydiff.data.mixing import MixedSet, MixRule, load_synthetic, mix
+from raydiff.distributed import runtime
+from raydiff.distributed.runtime import Scaling, find_latest_checkpoint, storage_and_name
 from raydiff.engine import NonFiniteLossError
 from raydiff.errors import RaydiffError
 from raydiff.metrics import FEW_SHOT_BELOW, MANY_SHOT_ABOVE
 from raydiff.runlog import RunLog
-from raydiff.storage import Folder, is_uri, to_buffer
+from raydiff.storage import Folder, to_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,11 @@ class ClassifyJob:
     cpus_per_worker: float = 1.0
     max_failures: int = 2
     eval_batch_size: int = 256
+
+    @property
+    def scaling(self) -> Scaling:
+        return Scaling(self.workers, self.cpus_per_worker, self.gpus_per_worker,
+                       self.max_failures)
 
 
 @dataclass
@@ -92,15 +104,6 @@ class ClassifyPlan:
                 "class_names": list(self.info.class_names)}
 
 
-def storage_and_name(out: str) -> tuple[str, str]:
-    """Ray Train's (storage_path, name) for a run folder."""
-    if is_uri(out):
-        parent, name = posixpath.split(out.rstrip("/"))
-        return parent, name
-    path = Path(out).resolve()
-    return str(path.parent), path.name
-
-
 # --- driver-side checks -------------------------------------------------------------------------
 
 def _mix_rule(job: ClassifyJob) -> MixRule:
@@ -125,8 +128,6 @@ def _check_job(job: ClassifyJob) -> None:
 def check_resume(job: ClassifyJob, cfg: ClassifierConfig, record: dict) -> int:
     """The step a relaunch resumes from (0: a new run); refuses a run of another classifier
     or another training set before any worker starts."""
-    from raydiff.train import find_latest_checkpoint
-
     latest = find_latest_checkpoint(*storage_and_name(job.out))
     if latest is None:
         return 0
@@ -170,12 +171,10 @@ def prepare_classify(job: ClassifyJob) -> ClassifyPlan:
 def _evaluate(trainer: ClassifierTrainer, images: np.ndarray, labels: np.ndarray, rank: int,
               world: int, batch_size: int) -> dict:
     """Per-class correct and total counts on the reference split, each worker a share."""
-    from raydiff.train import _all_reduce
-
     mine = np.arange(len(labels))[rank::world]
     _, logits = predict(trainer.model, trainer.cfg, images[mine], batch_size, trainer.device)
     correct, total = correct_counts(logits.argmax(1), labels[mine], trainer.cfg.num_classes)
-    summed = _all_reduce(list(correct) + list(total), trainer.device)
+    summed = runtime.all_reduce(list(correct) + list(total), trainer.device)
     num_classes = trainer.cfg.num_classes
     return {"split": "reference", "correct": [int(v) for v in summed[:num_classes]],
             "total": [int(v) for v in summed[num_classes:]]}
@@ -184,20 +183,9 @@ def _evaluate(trainer: ClassifierTrainer, images: np.ndarray, labels: np.ndarray
 def _report(trainer: ClassifierTrainer, metrics: dict, meta: dict | None,
             runlog: RunLog | None) -> None:
     """Every rank reports (a barrier); rank 0 writes the checkpoint, if any, and the log."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if meta is not None and runlog is not None:
-            saved = trainer.save(os.path.join(tmp, "ckpt"), meta)
-            checkpoint = Checkpoint.from_directory(str(saved))
-        if runlog is not None:
-            runlog.write(metrics, trainer.total_steps)
-            if meta is not None:
-                runlog.sync()  # object storage: the logs so far, uploaded with the checkpoint
-        name = f"checkpoint_{trainer.step:09d}" if meta is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    runtime.report(metrics, trainer.step, trainer.total_steps, runlog,
+                   save=(lambda directory: trainer.save(directory, meta))
+                   if meta is not None else None)
 
 
 def classify_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
@@ -206,8 +194,6 @@ def classify_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | Non
     import ray
     import ray.train
     import ray.train.torch
-
-    from raydiff.train import _mean_over_workers
 
     cfg = ClassifierConfig.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -224,18 +210,14 @@ def classify_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | Non
             trainer.load(directory)
     start = trainer.step
     runlog = RunLog(loop_config["log_dir"], cfg, start) if rank == 0 else None
+    runtime.route_worker_logs(loop_config, runlog.dir if runlog is not None else None)
     while trainer.epoch < cfg.epochs:
         tick, steps = time.perf_counter(), per_epoch - trainer.step % per_epoch
         try:
             means = trainer.train_epoch(images, labels, world)
-        except NonFiniteLossError as err:
-            # every worker stops at the same step (the gradients are shared): no report is
-            # left unmatched, and Ray does not retry a failure that would repeat
-            if runlog is not None:
-                runlog.error(str(err))
-                runlog.close()
-            return {"error": str(err)}
-        metrics = _mean_over_workers(means, 1, device)
+        except NonFiniteLossError as err:  # every worker sees it at the same step
+            return runtime.stop_on_error(runlog, err)
+        metrics = runtime.mean_over_workers(means, 1, device)
         metrics.update(step=trainer.step, epoch=trainer.epoch, resumed_from=start,
                        images_per_s=steps * cfg.batch_size / (time.perf_counter() - tick))
         meta = None
@@ -257,36 +239,18 @@ def classify_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | Non
 def build_trainer(plan: ClassifyPlan):
     """The TorchTrainer of a checked plan; the data travels through the object store."""
     import ray
-    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
-                           ScalingConfig)
-    from ray.train.torch import TorchTrainer
-
-    from raydiff.train import log_dir_for
 
     job = plan.job
-    storage, name = storage_and_name(job.out)
-    return TorchTrainer(
-        classify_loop_per_worker,
-        train_loop_config={
-            "config": plan.cfg.to_dict(),
-            "record": plan.record(),
-            # in lists, so Ray hands the workers references, not copies of the arrays
-            "train": [ray.put(plan.mixed.images), ray.put(plan.mixed.labels)],
-            "reference": [ray.put(plan.reference[0]), ray.put(plan.reference[1])],
-            "eval_batch_size": job.eval_batch_size,
-            "log_dir": log_dir_for(storage, name),
-            "torch_threads": max(1, int(job.cpus_per_worker)),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
-            resources_per_worker={"CPU": job.cpus_per_worker,
-                                  **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}),
-        run_config=RunConfig(
-            name=name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=plan.cfg.num_to_keep),
-            logging_config=LoggingConfig(log_level="WARNING")),
-    )
+    loop_config = {
+        "config": plan.cfg.to_dict(),
+        "record": plan.record(),
+        # in lists, so Ray hands the workers references, not copies of the arrays
+        "train": [ray.put(plan.mixed.images), ray.put(plan.mixed.labels)],
+        "reference": [ray.put(plan.reference[0]), ray.put(plan.reference[1])],
+        "eval_batch_size": job.eval_batch_size,
+    }
+    return runtime.torch_trainer(classify_loop_per_worker, loop_config, job.scaling,
+                                 *storage_and_name(job.out), plan.cfg.num_to_keep)
 
 
 def build_results(plan: ClassifyPlan, checkpoint: str, meta: dict, seconds: float) -> dict:
@@ -319,19 +283,16 @@ def write_results(out: str, results: dict) -> None:
 
 def run_classify(job: ClassifyJob) -> dict:
     """Check, train (or resume, or reuse a finished run), evaluate; returns results.json."""
-    from raydiff.cluster import init_ray
-    from raydiff.train import check_resources, find_latest_checkpoint, fit
-
     start = time.monotonic()
     plan = prepare_classify(job)  # bad input fails here, before Ray starts
-    init_ray(job.workers * job.cpus_per_worker)
-    check_resources(job)
+    runtime.init_ray(job.workers * job.cpus_per_worker)
+    job.scaling.check()
     if plan.done_steps >= plan.total_steps:
         logger.info("classify: %s is finished (step %d); reusing it", job.out, plan.done_steps)
     else:
         if plan.done_steps:
             logger.info("classify: resuming %s from step %d", job.out, plan.done_steps)
-        fit(build_trainer(plan))
+        runtime.fit(build_trainer(plan))
     checkpoint = find_latest_checkpoint(*storage_and_name(job.out))
     meta = Folder(checkpoint).read_json(META_FILE)
     results = build_results(plan, checkpoint, meta, time.monotonic() - start)

@@ -13,6 +13,8 @@ runtime-env agent deleted a working directory another node's job was still using
 from __future__ import annotations
 
 import csv
+import io
+import json
 import time
 from pathlib import Path
 
@@ -113,20 +115,41 @@ def test_train_job_from_zero_worker_nodes_and_a_request_no_node_type_holds(
 
 
 @pytest.mark.slow
-def test_tune_job_runs_its_trials_on_nodes_the_autoscaler_adds(autoscaling_head, shapes16,
-                                                              tmp_path):
-    head = autoscaling_head
+def test_tune_job_runs_its_trials_on_nodes_the_autoscaler_adds_and_writes_to_s3(
+        autoscaling_head, shapes16, s3_bucket, tmp_path):
+    """A search submitted as a job, its trials on added nodes, its storage the test's S3
+    server: every file of the search lands in the bucket."""
+    from test_s3 import jsonl, listing, read, s3_client
+
+    from raydiff import config as config_lib
+
+    head, s3 = autoscaling_head, s3_client()
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"loss.ucl_weight": {"grid": [0.5, 1.0]}}))
+    storage = f"{s3_bucket}/searches"
     job_id, _ = submit(
-        head.dashboard_url, "jobs/tune.py", "--data", str(shapes16), "--storage", str(tmp_path),
-        "--name", "search", "--preset", "tiny", "--scheduler", "fifo", "--trials", "2",
-        "--objective", "fd_pixels_tail", "--steps", "10", "--eval-every", "5",
-        "--eval-per-class", "4", "--eval-steps", "4", "--reference-per-class", "12",
-        "--autoscaler-config", str(head.autoscaler_config),
+        head.dashboard_url, "jobs/tune.py", "--data", str(shapes16), "--storage", storage,
+        "--name", "search", "--preset", "tiny", "--scheduler", "fifo", "--trials", "1",
+        "--space", str(space), "--objective", "fd_pixels_tail", "--steps", "10",
+        "--eval-every", "5", "--eval-per-class", "4", "--eval-steps", "4",
+        "--reference-per-class", "12", "--autoscaler-config", str(head.autoscaler_config),
         *[a for o in TINY for a in ("--set", o)], working_dir=False)
     logs = wait(head.dashboard_url, job_id)
     assert "best config:" in logs
-    with (tmp_path / "search" / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    assert any(not n.is_head_node for n in _nodes(head))
+
+    search = f"{storage}/search"
+    rows = list(csv.DictReader(io.StringIO(read(s3, f"{search}/results.csv").decode())))
     assert len(rows) == 2 and all(r["status"] == "done" and float(r["fd_pixels_tail"]) > 0
                                   for r in rows)
-    assert any(not n.is_head_node for n in _nodes(head))
+    assert sorted(float(r["loss.ucl_weight"]) for r in rows) == [0.5, 1.0]
+    assert json.loads(read(s3, f"{search}/objective.json")) == {
+        "objective": "pixels:fd_pixels_tail"}
+    best = config_lib.from_dict(json.loads(read(s3, f"{search}/best_config.json")))
+    assert best.loss.ucl_weight == float(rows[0]["loss.ucl_weight"])  # the table is best first
+    files = listing(s3, search)
+    for row in rows:
+        trial = row["trial"]
+        assert f"trials/{trial}/checkpoint_000000010/state.json" in files
+        logged = jsonl(read(s3, f"{search}/trials/{trial}/logs/metrics.jsonl"))
+        assert [m["step"] for m in logged] == [5, 10]

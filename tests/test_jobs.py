@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from raydiff.data.parquet import load_info
 from raydiff.distributed.runtime import find_latest_checkpoint
+from raydiff.storage import Folder
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +69,7 @@ def run_job(dashboard_url: str, script: str, *args: str) -> str:
     return wait(dashboard_url, submit(dashboard_url, script, *args)[0])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dataset_uri(ray_dashboard_url, s3_bucket) -> str:
     """A dataset prepared by jobs/prepare.py and uploaded to the test's S3 server (moto)."""
     uri = f"{s3_bucket}/jobs/datasets/shapes16"
@@ -114,25 +116,51 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def test_train_job_checkpoints_to_storage_and_a_resubmitted_job_resumes(ray_dashboard_url,
-                                                                       dataset_uri, tmp_path):
-    storage, name = tmp_path / "storage", "tiny-job"
-    args = ["--data", dataset_uri, "--storage", str(storage), "--name", name,
-            "--preset", "tiny", "--workers", "2"] + [a for o in TINY for a in ("--set", o)]
+# The session's one training job on object storage: tests/test_s3.py samples, classifies and
+# evaluates from the run it leaves in the bucket.
+S3_TRAIN = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
+            "train.ckpt_every=5", "train.preview_per_class=1", "sample.steps=4"]
 
-    logs = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=20")
-    assert f"trained {name}: step 20" in logs
-    first = find_latest_checkpoint(str(storage), name)
-    assert first == str(storage / name / "checkpoint_000000020")
-    assert (Path(first) / "config.json").is_file()
+
+@dataclass(frozen=True)
+class TrainedInBucket:
+    storage: str
+    name: str
+    first_logs: str  # the job that trained to step 10
+    first_checkpoint: str | None  # the latest checkpoint after it
+    second_logs: str  # the same job submitted again, asked for step 15
+
+    @property
+    def run(self) -> str:
+        return f"{self.storage}/{self.name}"
+
+
+@pytest.fixture(scope="session")
+def trained_in_bucket(ray_dashboard_url, dataset_uri, s3_bucket) -> TrainedInBucket:
+    """jobs/train.py with 2 DDP workers, dataset and storage on the S3 server: trained to step
+    10, then the same job submitted again with a larger budget, to step 15."""
+    storage, name = f"{s3_bucket}/runs", "tiny-s3"
+    args = ["--data", dataset_uri, "--storage", storage, "--name", name,
+            "--preset", "tiny", "--workers", "2"] + [a for o in S3_TRAIN for a in ("--set", o)]
+    first = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=10")
+    checkpoint = find_latest_checkpoint(storage, name)
+    second = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=15")
+    return TrainedInBucket(storage, name, first, checkpoint, second)
+
+
+def test_train_job_checkpoints_to_storage_and_a_resubmitted_job_resumes(trained_in_bucket):
+    job = trained_in_bucket
+    assert f"trained {job.name}: step 10" in job.first_logs
+    assert job.first_checkpoint == f"{job.run}/checkpoint_000000010"
+    assert Folder(job.first_checkpoint).is_file("config.json")
 
     # The same job again, asked to go further: it starts from the checkpoint, not from zero.
-    logs = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=40")
-    assert f"resuming run {name} from step 20" in logs
-    assert f"trained {name}: step 40" in logs
-    assert find_latest_checkpoint(str(storage), name).endswith("checkpoint_000000040")
-    resumed = [m for m in read_metrics(storage / name) if m.get("resumed_from") == 20]
-    assert resumed and min(m["step"] for m in resumed) == 25 and resumed[-1]["step"] == 40
+    assert f"resuming run {job.name} from step 10" in job.second_logs
+    assert f"trained {job.name}: step 15" in job.second_logs
+    assert find_latest_checkpoint(job.storage, job.name).endswith("checkpoint_000000015")
+    lines = Folder(job.run).read_bytes("logs/metrics.jsonl").decode().splitlines()
+    resumed = [m for m in map(json.loads, lines) if m.get("resumed_from") == 10]
+    assert resumed and min(m["step"] for m in resumed) == 15 and resumed[-1]["step"] == 15
 
 
 def test_train_job_refuses_storage_that_dies_with_the_job(ray_dashboard_url):

@@ -3,10 +3,11 @@ that the session's Ray and all its workers reach through AWS_ENDPOINT_URL (conft
 
 First ``RunLog`` alone (no Ray): with a URI it stages its files locally and uploads each whole
 at ``sync`` (every checkpoint) and ``close``. Then one chain, marked slow, each stage reading
-what the one before left in the bucket: ``train`` (a run
-stopped at step 10 and resumed from its checkpoint in the bucket to step 15), ``sample`` from
-that run folder, ``classify`` with those samples mixed in, ``classify --compare`` and
-``evaluate`` in the classifier's feature space (no Inception download). Outputs are read back
+what the one before left in the bucket: ``train`` (a Ray job, tests/test_jobs.py, trained to
+step 10 and resubmitted to resume from its checkpoint in the bucket to step 15), ``sample``
+from that run folder, ``classify`` with those samples mixed in, ``classify --compare`` and
+``evaluate`` in the classifier's feature space (no Inception download); ``tune`` writes
+into the bucket from the autoscaling cluster (tests/test_autoscaling.py). Outputs are read back
 with pyarrow's own S3 client, not through ``raydiff.storage``, and their content checked.
 """
 
@@ -23,20 +24,23 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_jobs import dataset_uri, trained_in_bucket  # noqa: F401  (session fixtures)
 
 from raydiff import cli
 
-TRAIN = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
-         "train.ckpt_every=5", "train.preview_per_class=1", "sample.steps=4"]
 CLASSIFY = ["--arch", "resnet10", "--width", "16", "--batch-size", "16", "--warmup-epochs", "0.5",
             "--epochs", "2", "--ckpt-every", "1"]
 
 
-@pytest.fixture(scope="module")
-def s3(s3_bucket) -> pafs.S3FileSystem:
+def s3_client() -> pafs.S3FileSystem:
     """pyarrow's S3 client, told the endpoint explicitly: an oracle independent of raydiff."""
     return pafs.S3FileSystem(endpoint_override=urlsplit(os.environ["AWS_ENDPOINT_URL"]).netloc,
                              scheme="http")
+
+
+@pytest.fixture(scope="module")
+def s3(s3_bucket) -> pafs.S3FileSystem:
+    return s3_client()
 
 
 def key(uri: str) -> str:
@@ -108,14 +112,10 @@ def test_runlog_uploads_its_files_at_each_sync_and_continues_after_a_resume(s3, 
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, shapes16, s3_bucket) -> str:
-    """A run trained to step 10, then relaunched to 15: it resumes from the bucket."""
-    base = ["train", "--data", str(shapes16), "--preset", "tiny", "--storage",
-            f"{s3_bucket}/runs", "--name", "tiny-s3", "--workers", "1"]
-    base += [a for o in TRAIN for a in ("--set", o)]
-    run_cli(base + ["--set", "optim.total_steps=10"])
-    run_cli(base + ["--set", "optim.total_steps=15"])
-    return f"{s3_bucket}/runs/tiny-s3"
+def trained(ray_local, trained_in_bucket) -> str:  # noqa: F811
+    """A run trained to step 10 by a Ray job, then resubmitted to step 15: it resumes from the
+    bucket (tests/test_jobs.py)."""
+    return trained_in_bucket.run
 
 
 @pytest.mark.slow
@@ -217,32 +217,6 @@ def test_evaluate_lands_in_the_bucket(s3, classified, sampled, shapes16, s3_buck
     assert metrics["classifier_accuracy"]["num_images"] == 12
     chart = Image.open(io.BytesIO(read(s3, f"{out}/metrics.png")))
     assert chart.format == "PNG" and chart.size[0] > 100
-
-
-@pytest.mark.slow
-def test_tune_lands_in_the_bucket(s3, ray_local, shapes16, s3_bucket, tmp_path):
-    from raydiff import config as config_lib
-
-    space = tmp_path / "space.json"
-    space.write_text(json.dumps({"loss.ucl_weight": {"grid": [0.5]}}))
-    storage = f"{s3_bucket}/searches"
-    run_cli(["tune", "--data", str(shapes16), "--preset", "tiny", "--storage", storage,
-             "--name", "s3-search", "--scheduler", "fifo", "--trials", "1", "--space", str(space),
-             "--objective", "fd_pixels_tail", "--steps", "5", "--eval-every", "5",
-             "--eval-per-class", "4", "--eval-steps", "4", "--reference-per-class", "12"]
-            + [a for o in TRAIN for a in ("--set", o)])
-    search = f"{storage}/s3-search"
-    assert json.loads(read(s3, f"{search}/objective.json")) == {"objective": "pixels:fd_pixels_tail"}
-    rows = read(s3, f"{search}/results.csv").decode().splitlines()
-    header, row = rows[0].split(","), rows[1].split(",")
-    assert len(rows) == 2 and float(row[header.index("fd_pixels_tail")]) > 0
-    assert float(row[header.index("loss.ucl_weight")]) == 0.5
-    best = config_lib.from_dict(json.loads(read(s3, f"{search}/best_config.json")))
-    assert best.loss.ucl_weight == 0.5
-    files = listing(s3, search)
-    trial = row[header.index("trial")]
-    assert f"trials/{trial}/checkpoint_000000005/state.json" in files
-    assert [m["step"] for m in jsonl(read(s3, f"{search}/trials/{trial}/logs/metrics.jsonl"))] == [5]
 
 
 def test_prepare_uploads_a_dataset_whole_and_refuses_to_replace_it(s3, s3_bucket, capsys):

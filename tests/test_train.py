@@ -98,7 +98,7 @@ def test_two_workers_train_in_sync_and_a_killed_worker_resumes(ray_local, shapes
 
 def test_stopped_run_resumes_when_relaunched(ray_local, shapes16, tmp_path):
     cmd = [sys.executable, "-m", "raydiff.cli", "train", "--data", str(shapes16),
-           "--storage", str(tmp_path), "--name", "relaunch", "--workers", "2",
+           "--storage", str(tmp_path), "--name", "relaunch", "--workers", "2", "--preset", "tiny",
            "--set", "optim.total_steps=40"] + [a for o in TINY for a in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -270,6 +270,13 @@ def decode_batch(batch: dict) -> dict:
     return decoded
 
 
+def decode_training_batch(batch: dict) -> dict:
+    """Ray Data batch function of the training pipeline: PNG bytes -> uint8 NHWC images, with
+    their labels. It lives here, away from torch, so that the Ray Data tasks that run it never
+    import torch."""
+    return {"image": decode_images(list(batch["image"])), "label": np.asarray(batch["label"])}
+
+
 @contextmanager
 def encode_pool(workers: int) -> Iterator[Executor | None]:
     """Worker processes for decoding and encoding, or None to work in this process.

@@ -55,3 +55,13 @@ def resample_rows(batch: dict, rates: np.ndarray, rng: np.random.Generator) -> d
     """Repeat each row Poisson(rates[label]) times (zero drops it); all columns alike."""
     repeats = rng.poisson(rates[np.asarray(batch["label"])])
     return {name: np.repeat(np.asarray(column), repeats, axis=0) for name, column in batch.items()}
+
+
+class Resample:
+    """Ray Data batch function: BRS repeat counts, fresh randomness every epoch."""
+
+    def __init__(self, rates: np.ndarray):
+        self.rates = rates
+
+    def __call__(self, batch: dict) -> dict:
+        return resample_rows(batch, self.rates, np.random.default_rng())

@@ -27,7 +27,7 @@ from raydiff import config as config_lib
 from raydiff.checkpoint import describe_mismatch
 from raydiff.config import Config
 from raydiff.data import parquet
-from raydiff.data.resample import class_ranks, repeat_rates, resample_rows
+from raydiff.data.resample import Resample, class_ranks, repeat_rates
 from raydiff.distributed import runtime
 from raydiff.distributed.runtime import Scaling, run_dir
 from raydiff.engine import Engine, NonFiniteLossError, step_seed
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _SHUFFLE_BUFFER_BATCHES = 4  # local shuffle buffer, in per-worker batches
 DECODE_ONCE_MAX_BYTES = 2 << 30  # training splits this small (decoded) are decoded once
+DRIVER_DECODE_MAX_ROWS = 50_000  # ... and, this short, by the driver (build_dataset)
 _BLOCK_BATCHES = 2  # rows per block of a decoded-once split, in global batches
 
 
@@ -101,49 +102,49 @@ def check_batch(job: TrainJob, info: parquet.DatasetInfo) -> None:
 
 # --- the data pipeline ----------------------------------------------------------------------
 
-def decode(batch: dict) -> dict:
-    """Ray Data batch function: PNG bytes -> uint8 NHWC images."""
-    images = parquet.decode_batch({"image": batch["image"]})["image"]
-    return {"image": images, "label": np.asarray(batch["label"])}
-
-
-class Resample:
-    """Ray Data batch function: BRS repeat counts, fresh randomness every epoch."""
-
-    def __init__(self, rates: np.ndarray):
-        self.rates = rates
-
-    def __call__(self, batch: dict) -> dict:
-        return resample_rows(batch, self.rates, np.random.default_rng())
-
-
 def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
     """The training pipeline; every iteration over it is a new epoch.
 
     A training split whose decoded images fit in ``DECODE_ONCE_MAX_BYTES`` (the built-in
     shapes, CIFAR-LT, TinyImageNet-LT at 64 px) is decoded once, here, and kept in the object
     store in blocks of about ``_BLOCK_BATCHES`` batches; each epoch then only reorders those
-    blocks. A larger split streams: every epoch reads and decodes the Parquet shards again.
-    On 2 CPU cores, re-decoding the shapes' PNGs stalled each 31-step epoch by 5-8 s.
-    Flips are drawn by the worker, on its device (``_batches``).
+    blocks. Up to ``DRIVER_DECODE_MAX_ROWS`` images the driver decodes them itself: a Ray Data
+    read-decode-repartition pass costs seconds of task scheduling even for a hundred images
+    (3.6-10 s against 0.03 s for the test's 109 images, 2-core machine), while the driver
+    decodes CIFAR-10-LT's 12k PNGs in well under a second. A larger split streams: every epoch
+    reads and decodes the Parquet shards again. On 2 CPU cores, re-decoding the shapes' PNGs
+    stalled each 31-step epoch by 5-8 s. Flips are drawn by the worker, on its device
+    (``_batches``).
     """
     import ray
 
-    # The streaming split feeds training forever: its bars would only repeat the progress line.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # The streaming split feeds training forever: its bars and banners would only repeat the
+    # progress line.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = runtime.verbose()
     rows = info.num_images("train")
-    ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(["image", "label"])
     decode_once = rows * info.resolution ** 2 * cfg.model.in_channels <= DECODE_ONCE_MAX_BYTES
-    if decode_once:
-        blocks = max(1, rows // (_BLOCK_BATCHES * cfg.optim.batch_size))
-        ds = ds.map_batches(decode, batch_format="numpy").repartition(blocks).materialize()
+    blocks = max(1, rows // (_BLOCK_BATCHES * cfg.optim.batch_size))
+    if decode_once and rows <= DRIVER_DECODE_MAX_ROWS:
+        images, labels = parquet.read_split_arrays(data, "train")
+        ds = ray.data.from_items([{"image": image, "label": int(label)}
+                                  for image, label in zip(images, labels)],
+                                 override_num_blocks=blocks)
+    else:
+        ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(
+            ["image", "label"])
+        if decode_once:
+            ds = ds.map_batches(parquet.decode_training_batch,
+                                batch_format="numpy").repartition(blocks).materialize()
     ds = ds.randomize_block_order()
     if cfg.train.resample_factor > 0:
         rates = repeat_rates(info.counts("train"), cfg.train.resample_factor)
         # A global shuffle of the rows, every epoch: it spreads the copies of a row over the
         # epoch, as the released sampler's independent draws are (resample.py).
         ds = ds.map_batches(Resample(rates), batch_format="numpy").random_shuffle()
-    return ds if decode_once else ds.map_batches(decode, batch_format="numpy")
+    return ds if decode_once else ds.map_batches(parquet.decode_training_batch,
+                                                 batch_format="numpy")
 
 
 # --- the worker -----------------------------------------------------------------------------

@@ -37,6 +37,13 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray Train's preemption watcher (an actor per run that watches for draining cloud nodes)
 # has nothing to watch on one machine; it is one process start fewer per run.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Caches (reference features, torch.hub) of this session alone, never the developer's.
+_CACHE_HOME = tempfile.mkdtemp(prefix="raydiff-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_HOME, ignore_errors=True)
 
 CIFAR_ROW_BYTES = 3 * 32 * 32
 
@@ -514,3 +521,54 @@ def shapes16(tmp_path_factory) -> Path:
     prepare_dataset(PrepareOptions(source="shapes", out=out, resolution=16, num_classes=4,
                                    images_per_class=48, imbalance_ratio=4.0))
     return out
+
+
+# --- the jobs flow on object storage (tests/test_jobs.py, tests/test_s3.py) -----------------
+
+@pytest.fixture(scope="session")
+def dataset_uri(ray_dashboard_url, s3_bucket) -> str:
+    """A dataset prepared by jobs/prepare.py and uploaded to the test's S3 server (moto)."""
+    uri = f"{s3_bucket}/jobs/datasets/shapes16"
+    from test_jobs import run_job
+
+    logs = run_job(ray_dashboard_url, "jobs/prepare.py", "shapes", "--out", uri,
+                   "--resolution", "16", "--num-classes", "4", "--images-per-class", "48",
+                   "--imbalance-ratio", "4", "--processes", "1")
+    assert f"uploaded to {uri}" in logs
+    return uri
+
+
+# The session's one training job on object storage: tests/test_s3.py samples, classifies and
+# evaluates from the run it leaves in the bucket.
+S3_TRAIN = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
+            "train.ckpt_every=5", "train.preview_per_class=1", "sample.steps=4"]
+
+
+@dataclass(frozen=True)
+class TrainedInBucket:
+    storage: str
+    name: str
+    first_logs: str  # the job that trained to step 10
+    first_checkpoint: str | None  # the latest checkpoint after it
+    second_logs: str  # the same job submitted again, asked for step 15
+
+    @property
+    def run(self) -> str:
+        return f"{self.storage}/{self.name}"
+
+
+@pytest.fixture(scope="session")
+def trained_in_bucket(ray_dashboard_url, dataset_uri, s3_bucket) -> TrainedInBucket:
+    """jobs/train.py with 2 DDP workers, dataset and storage on the S3 server: trained to step
+    10, then the same job submitted again with a larger budget, to step 15."""
+    storage, name = f"{s3_bucket}/runs", "tiny-s3"
+    args = ["--data", dataset_uri, "--storage", storage, "--name", name,
+            "--preset", "tiny", "--workers", "2"] + [a for o in S3_TRAIN for a in ("--set", o)]
+    from test_jobs import run_job
+
+    first = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=10")
+    from raydiff.distributed.runtime import find_latest_checkpoint
+
+    checkpoint = find_latest_checkpoint(storage, name)
+    second = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=15")
+    return TrainedInBucket(storage, name, first, checkpoint, second)

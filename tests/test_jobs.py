@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,17 +68,6 @@ def run_job(dashboard_url: str, script: str, *args: str) -> str:
     return wait(dashboard_url, submit(dashboard_url, script, *args)[0])
 
 
-@pytest.fixture(scope="session")
-def dataset_uri(ray_dashboard_url, s3_bucket) -> str:
-    """A dataset prepared by jobs/prepare.py and uploaded to the test's S3 server (moto)."""
-    uri = f"{s3_bucket}/jobs/datasets/shapes16"
-    logs = run_job(ray_dashboard_url, "jobs/prepare.py", "shapes", "--out", uri,
-                   "--resolution", "16", "--num-classes", "4", "--images-per-class", "48",
-                   "--imbalance-ratio", "4", "--processes", "1")
-    assert f"uploaded to {uri}" in logs
-    return uri
-
-
 def test_the_uploaded_working_directory_is_the_code_alone(ray_head, dataset_uri):
     """What `--working-dir .` sent, as the cluster unpacked it for the job above."""
     resources = ray_head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
@@ -114,38 +102,6 @@ def test_prepare_job_uploads_a_dataset_and_keeps_it_when_resubmitted(ray_dashboa
 def read_metrics(run: Path) -> list[dict]:
     lines = (run / "logs" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
-
-
-# The session's one training job on object storage: tests/test_s3.py samples, classifies and
-# evaluates from the run it leaves in the bucket.
-S3_TRAIN = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
-            "train.ckpt_every=5", "train.preview_per_class=1", "sample.steps=4"]
-
-
-@dataclass(frozen=True)
-class TrainedInBucket:
-    storage: str
-    name: str
-    first_logs: str  # the job that trained to step 10
-    first_checkpoint: str | None  # the latest checkpoint after it
-    second_logs: str  # the same job submitted again, asked for step 15
-
-    @property
-    def run(self) -> str:
-        return f"{self.storage}/{self.name}"
-
-
-@pytest.fixture(scope="session")
-def trained_in_bucket(ray_dashboard_url, dataset_uri, s3_bucket) -> TrainedInBucket:
-    """jobs/train.py with 2 DDP workers, dataset and storage on the S3 server: trained to step
-    10, then the same job submitted again with a larger budget, to step 15."""
-    storage, name = f"{s3_bucket}/runs", "tiny-s3"
-    args = ["--data", dataset_uri, "--storage", storage, "--name", name,
-            "--preset", "tiny", "--workers", "2"] + [a for o in S3_TRAIN for a in ("--set", o)]
-    first = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=10")
-    checkpoint = find_latest_checkpoint(storage, name)
-    second = run_job(ray_dashboard_url, "jobs/train.py", *args, "--set", "optim.total_steps=15")
-    return TrainedInBucket(storage, name, first, checkpoint, second)
 
 
 def test_train_job_checkpoints_to_storage_and_a_resubmitted_job_resumes(trained_in_bucket):

@@ -24,7 +24,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_jobs import dataset_uri, trained_in_bucket  # noqa: F401  (session fixtures)
 
 from raydiff import cli
 
@@ -112,7 +111,7 @@ def test_runlog_uploads_its_files_at_each_sync_and_continues_after_a_resume(s3, 
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, trained_in_bucket) -> str:  # noqa: F811
+def trained(ray_local, trained_in_bucket) -> str:
     """A run trained to step 10 by a Ray job, then resubmitted to step 15: it resumes from the
     bucket (tests/test_jobs.py)."""
     return trained_in_bucket.run

@@ -206,7 +206,7 @@ def sample_features(job: EvalJob, manifest: dict, paths: list[str], extractor: E
     accumulated in float64 as batches arrive."""
     import ray
 
-    ds = ray.data.read_parquet(paths, columns=["index", "label", "image"])
+    ds = ray.data.read_parquet(paths).select_columns(["index", "label", "image"])
     ds = ds.map_batches(key_by_index, batch_format="numpy", batch_size=None)
     stats = [FeatureStats(dim=extractor.feature_dim) for _ in GROUPS]
 
@@ -283,8 +283,8 @@ def reference_features(job: EvalJob, extractor: Extractor,
     import ray
 
     positions = _reference_positions(job.reference, per_class, split)
-    ds = ray.data.read_parquet(parquet.split_paths(job.reference, split),
-                               columns=["image", "label", "source"])
+    ds = ray.data.read_parquet(parquet.split_paths(job.reference, split)).select_columns(
+        ["image", "label", "source"])
     ds = ds.map_batches(key_by_source, fn_kwargs={"positions": positions}, batch_format="numpy",
                         batch_size=None)
     feature_set = FeatureSet.empty(len(positions), extractor, with_logits=False)

@@ -105,11 +105,25 @@ def init_ray(num_cpus_hint: float | None = None) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"127.0.0.1:{port}"
+    env = {"RAY_API_SERVER_ADDRESS": f"http://{url}", **quiet_ray_environment()}
+    os.environ.update({k: v for k, v in env.items() if k != "RAY_API_SERVER_ADDRESS"})
     context = ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port,
-                       runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{url}"}})
+                       dashboard_port=port, runtime_env={"env_vars": env},
+                       logging_level=logging.INFO if verbose() else logging.WARNING)
     if context.dashboard_url != url:
         raise RuntimeError(f"local Ray's dashboard started at {context.dashboard_url}, not {url}")
+
+
+def quiet_ray_environment() -> dict[str, str]:
+    """What a local Ray's processes get so that the console shows raydiff's own lines: Ray
+    Data's per-dataset lines go to its log file (``ray_data_logging.yaml``), Ray's own
+    deprecation warnings are not shown, and Ray Train runs no preemption watcher (there are
+    no cloud nodes to watch on one machine). Nothing with ``raydiff -v``."""
+    if verbose():
+        return {}
+    return {"RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+            "PYTHONWARNINGS": "ignore::DeprecationWarning",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 # --- can the cluster place a request --------------------------------------------------------
@@ -438,7 +452,9 @@ def fit(trainer):
 # --- Ray Data ----------------------------------------------------------------------------------
 
 def quiet(ds):
-    """No progress bars or execution banners: raydiff's own lines say how far it is."""
-    ds.context.enable_progress_bars = False
-    ds.context.print_on_execution_start = False
+    """No progress bars or execution banners (unless ``raydiff -v``): raydiff's own lines say
+    how far it is."""
+    if not verbose():
+        ds.context.enable_progress_bars = False
+        ds.context.print_on_execution_start = False
     return ds

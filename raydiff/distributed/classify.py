@@ -249,7 +249,7 @@ def build_trainer(plan: ClassifyPlan):
         "reference": [ray.put(plan.reference[0]), ray.put(plan.reference[1])],
         "eval_batch_size": job.eval_batch_size,
     }
-    return runtime.torch_trainer(classify_loop_per_worker, loop_config, job.scaling,
+    return runtime.torch_trainer(f"{__name__}:classify_loop_per_worker", loop_config, job.scaling,
                                  *storage_and_name(job.out), plan.cfg.num_to_keep)
 
 

@@ -326,17 +326,35 @@ class Scaling:
                         {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker})
 
 
-def torch_trainer(loop: Callable[[dict], Any], loop_config: dict, scaling: Scaling,
+class WorkerLoop:
+    """A Ray Train worker function named by ``"module:function"``, imported where it runs.
+
+    Ray Train's controller unpickles the worker function too; a function pickled by
+    reference makes it import the function's module, and with it torch and the engine, in a
+    process that only coordinates (seconds of each run's start on a small machine)."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __call__(self, loop_config: dict):
+        import importlib
+
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)(loop_config)
+
+
+def torch_trainer(loop: str, loop_config: dict, scaling: Scaling,
                   storage: str, name: str, num_to_keep: int | None,
                   datasets: dict | None = None, callbacks: list | None = None):
-    """The ``TorchTrainer`` of a raydiff run: ``storage/name`` is its run folder."""
+    """The ``TorchTrainer`` of a raydiff run, whose workers run ``loop`` (``"module:function"``):
+    ``storage/name`` is its run folder."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = storage if is_uri(storage) else str(Path(storage).resolve())
     gpus = scaling.gpus_per_worker
     return TorchTrainer(
-        loop,
+        WorkerLoop(loop),
         train_loop_config={**loop_config, "torch_threads": scaling.torch_threads,
                            "log_dir": log_dir_for(storage, name), "verbose": verbose()},
         scaling_config=ScalingConfig(

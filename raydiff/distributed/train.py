@@ -277,7 +277,7 @@ def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | No
         # in a list, so Ray hands the worker the reference, not its 100+ MB of statistics
         "eval_reference": [job.eval_reference],
     }
-    return runtime.torch_trainer(train_loop_per_worker, loop_config, job.scaling, job.storage,
+    return runtime.torch_trainer(f"{__name__}:train_loop_per_worker", loop_config, job.scaling, job.storage,
                                  job.name, job.cfg.train.num_to_keep,
                                  datasets={"train": build_dataset(job.data, info, job.cfg)},
                                  callbacks=callbacks)

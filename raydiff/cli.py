@@ -49,10 +49,9 @@ class HelpFormatter(argparse.HelpFormatter):
         shown = [s for s in action.option_strings if s not in hidden]
         if not action.option_strings or shown == action.option_strings:
             return super()._format_action_invocation(action)
-        copy = argparse.Action(shown, action.dest, nargs=action.nargs, metavar=action.metavar,
-                               default=action.default, help=action.help)
-        copy.option_strings = shown
-        return super()._format_action_invocation(copy)
+        return super()._format_action_invocation(argparse.Action(
+            shown, action.dest, nargs=action.nargs, metavar=action.metavar,
+            default=action.default, help=action.help))
 
 
 class Parser(OneLineParser):
@@ -125,7 +124,7 @@ def resolve_config(args: argparse.Namespace, resolution: int | None = None,
             raise RaydiffError(f"no preset is made for {resolution} px data ({data}); pass "
                                f"--preset ({', '.join(sorted(config_lib.PRESETS))}) or --config")
     overrides = ([f"loss.method={args.method}"] if args.method else []) + args.overrides
-    return config_lib.resolve(preset or "cifar32", args.config, overrides)
+    return config_lib.resolve(preset, args.config, overrides)  # --config: preset is unused
 
 
 def config_for_data(args: argparse.Namespace, data: str | None) -> config_lib.Config:

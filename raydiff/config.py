@@ -441,7 +441,7 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a finite number")
 
 
-def resolve(preset_name: str = "cifar32", config_file: str | None = None,
+def resolve(preset_name: str | None = "cifar32", config_file: str | None = None,
             overrides: list[str] | None = None) -> Config:
     """Preset or config file, then ``--set`` overrides: the order the CLI applies them."""
     cfg = load_json(config_file) if config_file else preset(preset_name)

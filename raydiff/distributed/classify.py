@@ -209,8 +209,7 @@ def classify_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | Non
         with checkpoint.as_directory() as directory:
             trainer.load(directory)
     start = trainer.step
-    runlog = RunLog(loop_config["log_dir"], cfg, start) if rank == 0 else None
-    runtime.route_worker_logs(loop_config, runlog.dir if runlog is not None else None)
+    runlog = runtime.worker_runlog(loop_config, cfg, start, rank)
     while trainer.epoch < cfg.epochs:
         tick, steps = time.perf_counter(), per_epoch - trainer.step % per_epoch
         try:

@@ -382,6 +382,16 @@ class _RayInfo(logging.Filter):
         return record.levelno >= logging.WARNING or f"{os.sep}ray{os.sep}" not in record.pathname
 
 
+def worker_runlog(loop_config: dict, cfg, start_step: int, rank: int):
+    """A Ray Train worker's run log: rank 0's ``RunLog`` (None on other ranks), with Ray's
+    INFO lines routed off the console (``route_worker_logs``)."""
+    from raydiff.runlog import RunLog
+
+    runlog = RunLog(loop_config["log_dir"], cfg, start_step) if rank == 0 else None
+    route_worker_logs(loop_config, runlog.dir if runlog is not None else None)
+    return runlog
+
+
 def route_worker_logs(loop_config: dict, log_dir: Path | None) -> None:
     """In a Ray Train worker: Ray's INFO lines (e.g. "Reporting training result ...") leave
     the console unless ``raydiff -v``; rank 0 (``log_dir``: its run's local log folder) keeps

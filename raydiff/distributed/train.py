@@ -215,8 +215,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
         with checkpoint.as_directory() as directory:
             engine.load(directory)
     start_step = engine.step
-    runlog = RunLog(loop_config["log_dir"], cfg, start_step) if rank == 0 else None
-    runtime.route_worker_logs(loop_config, runlog.dir if runlog is not None else None)
+    runlog = runtime.worker_runlog(loop_config, cfg, start_step, rank)
     quickeval = None
     if loop_config.get("eval") and rank == 0:
         reference = ray.get(loop_config["eval_reference"][0])

@@ -83,7 +83,9 @@ def test_metrics_over_two_actors_equal_torch_fidelity_in_one_process(
     assert overall["recall"] == pytest.approx(expected["recall"])
 
 
-def test_groups_per_class_and_outputs(first_evaluation, samples):
+def test_groups_per_class_and_outputs(first_evaluation, samples, shapes16_tiny):
+    from raydiff.data.parquet import load_info
+
     _, result = first_evaluation
     # shapes16_tiny trains on 8, 6, 3, 2 images: 4 classes cut into thirds -> 2, 1, 1
     assert result["groups"] == {"head": [0, 1], "body": [2], "tail": [3]}
@@ -103,6 +105,9 @@ def test_groups_per_class_and_outputs(first_evaluation, samples):
     assert on_disk["sets"]["overall"]["fid"] == pytest.approx(sets["overall"]["fid"])
     assert (samples / "metrics.png").stat().st_size > 1000
     assert result["reference_cache"] == "miss"
+    # one feature pass: the 12 generated, 16 reference (4 a class) and every training image
+    train = load_info(shapes16_tiny).num_images("train")
+    assert result["extracted"] == {"reference": 16, "train": train, "generated": 12}
 
 
 def test_second_evaluation_reads_the_reference_features_from_the_cache(first_evaluation, tmp_path):
@@ -112,7 +117,7 @@ def test_second_evaluation_reads_the_reference_features_from_the_cache(first_eva
     again = run_evaluation(replace(job, actors=1, metrics=("fid",), groups=False,
                                    per_class=False, copying=False, out=str(tmp_path)))
     assert again["reference_cache"] == "hit"
-    assert again["seconds"]["reference_features"] < 5
+    assert again["extracted"] == {"generated": 12}  # the reference's features: the cache's
     assert again["sets"]["overall"]["fid"] == pytest.approx(result["sets"]["overall"]["fid"],
                                                             rel=1e-6)
     assert set(again["sets"]["overall"]) == {"num_generated", "num_reference", "fid", "classes"}
@@ -169,3 +174,32 @@ def test_bad_input_is_one_clear_line(cli_error, samples, shapes_dataset, shapes1
     torch.save({"fc.weight": torch.zeros(1), "payload": UInt8Images(np.zeros(1))}, evil)
     line = cli_error(matching + ["--inception-weights", str(evil)])
     assert "is not a plain Inception state dict" in line
+
+
+@pytest.mark.parametrize("split", ["reference", "train"])
+def test_driver_read_and_streamed_rows_are_the_same(ray_local, shapes16_tiny, monkeypatch,
+                                                     split):
+    """Small image sets are read by the driver, large ones by Ray Data's readers: the same
+    (part, key, label, image) rows either way."""
+    from raydiff.data import parquet
+    from raydiff.distributed import evaluate
+    from raydiff.storage import Folder
+
+    positions = evaluate._reference_positions(str(shapes16_tiny), 3, split)
+    names = parquet.load_info(shapes16_tiny).files[split]
+
+    def rows() -> list[tuple]:
+        ds = evaluate.image_rows(Folder(shapes16_tiny), names, ["image", "label", "source"], 7,
+                                 evaluate.key_by_source, rows_per_block=5,
+                                 keyer_kwargs={"positions": positions})
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        assert all(len(b["key"]) <= 5 for b in batches)  # blocks for every actor
+        return sorted(zip(*(np.concatenate([b[c] for b in batches]).tolist()
+                            for c in ("part", "key", "label", "image"))))
+
+    read_here = rows()
+    monkeypatch.setattr(evaluate, "DRIVER_READ_MAX_BYTES", 0)
+    streamed = rows()
+    assert streamed == read_here
+    assert [r[1] for r in read_here] == list(range(len(positions)))  # every kept row, once
+    assert {r[0] for r in read_here} == {7}

@@ -1,11 +1,15 @@
 """``raydiff evaluate``: FID/KID/IS/PR of a sample folder against a prepared reference split.
 
-Pipeline (``run_evaluation``)::
+Pipeline (``run_evaluation``), one Ray Data execution::
 
-    ray.data.read_parquet(sample shards)  --map_batches(InceptionActor, ActorPoolStrategy)-->
-    driver: feature rows placed by image index; per-group sufficient statistics (float64)
+    generated images (keyed by index)                 \
+    reference images (keyed by position), if not cached  > union --map_batches(FeatureActor,
+    training images (copy rate), if not cached        /          ActorPoolStrategy)-->
+    driver: feature rows placed by set and key; the generated set's sufficient statistics per
+    class group (float64) as batches arrive
 
-    the reference split, the same way (rows keyed by position), unless its features are cached
+Small image sets are read by the driver and handed to Ray Data as blocks, large ones stream
+through Ray Data's Parquet readers (``image_rows``).
 
 Features are torch-fidelity's ``inception-v3-compat``, or with ``--features classifier:CKPT``
 the penultimate layer of a ``raydiff classify`` checkpoint (``raydiff.features``); the metrics
@@ -24,14 +28,17 @@ the same reference skips its feature pass.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +46,7 @@ import torch
 from raydiff import metrics as metrics_lib
 from raydiff.data import parquet
 from raydiff.data.images import decode_images
-from raydiff.data.samples import load_manifest, shard_paths
+from raydiff.data.samples import load_manifest, shard_name, shard_paths
 from raydiff.distributed import runtime
 from raydiff.errors import RaydiffError
 from raydiff.features import Extractor, resolve_extractor
@@ -127,6 +134,9 @@ def check_extractor(extractor: Extractor, info: parquet.DatasetInfo) -> None:
 
 # --- feature extraction in Ray Data actors ----------------------------------------------------
 
+DRIVER_READ_MAX_BYTES = 256 << 20  # image sets this small (their Parquet files) are read here
+
+
 class FeatureActor:
     """Ray Data actor: PNG bytes -> features (and logits), the extractor loaded once."""
 
@@ -137,16 +147,16 @@ class FeatureActor:
 
     def __call__(self, batch: dict) -> dict:
         features, logits = self.net(decode_images(list(batch["image"])))
-        out = {"key": np.asarray(batch["key"], np.int64).copy(),
-               "label": np.asarray(batch["label"], np.int64).copy(), "feat": features}
+        out = {name: np.asarray(batch[name], np.int64).copy() for name in ("part", "key", "label")}
+        out["feat"] = features
         if self.with_logits:
             out["logits"] = logits
         return out
 
 
 def key_by_source(batch: dict, positions: dict[str, int]) -> dict:
-    """Ray Data batch function: a reference row's position from its unique ``source``; rows
-    left out by the per-class cap are dropped."""
+    """A reference row's position from its unique ``source``; rows left out by the per-class
+    cap are dropped."""
     keys = np.array([positions.get(s, -1) for s in batch["source"]], np.int64)
     keep = keys >= 0
     return {"key": keys[keep], "label": np.asarray(batch["label"])[keep],
@@ -156,6 +166,43 @@ def key_by_source(batch: dict, positions: dict[str, int]) -> dict:
 def key_by_index(batch: dict) -> dict:
     return {"key": np.asarray(batch["index"], np.int64), "label": np.asarray(batch["label"]),
             "image": np.asarray(batch["image"])}
+
+
+def _tagged(batch: dict, part: int, keyer, keyer_kwargs: dict) -> dict:
+    rows = keyer(batch, **keyer_kwargs)
+    return {"part": np.full(len(rows["key"]), part, np.int64), **rows}
+
+
+def image_rows(folder: Folder, names: list[str], columns: list[str], part: int, keyer,
+               rows_per_block: int, keyer_kwargs: dict | None = None):
+    """The (part, key, label, image) rows of some Parquet files as a Ray Dataset, in blocks of
+    ``rows_per_block`` rows so that every actor of the pool gets work.
+
+    Files that add up to ``DRIVER_READ_MAX_BYTES`` or less are read by this process and handed
+    to Ray Data as blocks: Ray Data's read tasks, keying stage and repartition cost seconds of
+    task scheduling however few the rows (``benchmarks/eval_start.py``). Larger sets stream
+    through Ray Data's readers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    keyer_kwargs = keyer_kwargs or {}
+    paths = [folder.path(name) for name in names]
+    size = sum(info.size or 0 for info in folder.fs.get_file_info(paths))
+    if size > DRIVER_READ_MAX_BYTES:
+        ds = ray.data.read_parquet([folder.uri(name) for name in names]).select_columns(columns)
+        ds = ds.map_batches(_tagged, fn_kwargs={"part": part, "keyer": keyer,
+                                                "keyer_kwargs": keyer_kwargs},
+                            batch_format="numpy", batch_size=None)
+        return ds.repartition(target_num_rows_per_block=rows_per_block)
+    table = pq.read_table(paths, filesystem=folder.fs, columns=columns)
+    rows = _tagged({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}, part,
+                   keyer, keyer_kwargs)
+    table = pa.table({"part": rows["part"], "key": rows["key"], "label": rows["label"],
+                      "image": pa.array(list(rows["image"]), pa.binary())})
+    n = table.num_rows
+    return ray.data.from_arrow([table.slice(i, rows_per_block)
+                                for i in range(0, max(n, 1), rows_per_block)])
 
 
 @dataclass
@@ -179,35 +226,52 @@ class FeatureSet:
             self.logits[keys] = batch["logits"]
 
 
-def _extract(ds, job: EvalJob, extractor: Extractor, feature_set: FeatureSet,
-             on_batch=None) -> None:
+@dataclass
+class FeaturePass:
+    """One image set of a feature pass: a builder of its rows (``image_rows``, given the
+    set's part number) and the FeatureSet they fill; ``on_batch`` sees every batch too."""
+
+    name: str
+    rows: Callable[[int], Any]
+    into: FeatureSet
+    on_batch: Callable[[dict], None] | None = None
+
+
+def extract(job: EvalJob, extractor: Extractor, passes: list[FeaturePass]) -> None:
+    """The features of every set in one Ray Data execution: one actor pool, the extractor
+    loaded once per actor, however many sets (generated, reference, training) need it."""
     import ray
 
-    ds = ds.repartition(target_num_rows_per_block=job.batch_size)  # work for every actor
+    if not passes:
+        return
+    sets = [p.rows(part) for part, p in enumerate(passes)]
+    ds = sets[0].union(*sets[1:]) if len(sets) > 1 else sets[0]
     ds = ds.map_batches(
         FeatureActor,
         fn_constructor_kwargs={"extractor": asdict(extractor),
                                "threads": max(1, int(job.cpus_per_actor)),
                                "use_gpu": job.gpus_per_actor > 0,
-                               "with_logits": feature_set.logits is not None},
+                               "with_logits": any(p.into.logits is not None for p in passes)},
         compute=ray.data.ActorPoolStrategy(size=job.actors), batch_size=job.batch_size,
         batch_format="numpy", num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
     for batch in runtime.quiet(ds).iter_batches(batch_size=None, batch_format="numpy"):
-        feature_set.add(batch)
-        if on_batch is not None:
-            on_batch(batch)
-    if (feature_set.labels < 0).any():
-        raise RuntimeError(f"{int((feature_set.labels < 0).sum())} images got no features")
+        parts = np.asarray(batch["part"])
+        for part in np.unique(parts):
+            rows = {name: np.asarray(column)[parts == part] for name, column in batch.items()}
+            target = passes[int(part)]
+            target.into.add(rows)
+            if target.on_batch is not None:
+                target.on_batch(rows)
+    for p in passes:
+        if (p.into.labels < 0).any():
+            raise RuntimeError(f"{int((p.into.labels < 0).sum())} {p.name} images got no "
+                               f"features")
 
 
-def sample_features(job: EvalJob, manifest: dict, paths: list[str], extractor: Extractor,
-                    groups: np.ndarray, with_logits: bool) -> tuple[FeatureSet, list[FeatureStats]]:
-    """Features of every generated image, and their sufficient statistics per class group,
+def sample_pass(job: EvalJob, manifest: dict, extractor: Extractor, groups: np.ndarray,
+                with_logits: bool) -> tuple[FeaturePass, list[FeatureStats]]:
+    """The generated images' pass, and their sufficient statistics per class group,
     accumulated in float64 as batches arrive."""
-    import ray
-
-    ds = ray.data.read_parquet(paths).select_columns(["index", "label", "image"])
-    ds = ds.map_batches(key_by_index, batch_format="numpy", batch_size=None)
     stats = [FeatureStats(dim=extractor.feature_dim) for _ in GROUPS]
 
     def accumulate(batch: dict) -> None:
@@ -215,9 +279,12 @@ def sample_features(job: EvalJob, manifest: dict, paths: list[str], extractor: E
         for g, group_stats in enumerate(stats):
             group_stats.update(np.asarray(batch["feat"])[batch_groups == g])
 
-    feature_set = FeatureSet.empty(manifest["num_images"], extractor, with_logits)
-    _extract(ds, job, extractor, feature_set, accumulate)
-    return feature_set, stats
+    folder = Folder(job.samples)
+    names = [shard_name(k) for k in range(manifest["num_shards"])]
+    rows = functools.partial(image_rows, folder, names, ["index", "label", "image"],
+                             keyer=key_by_index, rows_per_block=job.batch_size)
+    into = FeatureSet.empty(manifest["num_images"], extractor, with_logits)
+    return FeaturePass("generated", rows, into, accumulate), stats
 
 
 def reference_identity(reference: str) -> str:
@@ -264,11 +331,36 @@ def _read_cache(folder: Path, feature_dim: int) -> FeatureSet | None:
     return FeatureSet(features, labels)
 
 
-def reference_features(job: EvalJob, extractor: Extractor,
-                       split: str = "reference") -> tuple[FeatureSet, bool]:
-    """The features of the reference dataset's ``split`` (its reference images, or its
-    training images for the copy rate) from the cache, or extracted (and cached); True on a
-    hit. The reference split is cut to ``job.reference_per_class``; the training split is whole."""
+@dataclass
+class CachedSplit:
+    """The features of one split of the reference dataset: read from the cache (``hit``), or
+    to be filled by ``extract`` (``pass_``) and then stored (``store``)."""
+
+    split: str
+    key_data: dict
+    folder: Path
+    features: FeatureSet
+    hit: bool
+    pass_: FeaturePass | None = None
+
+    def store(self, reference: str) -> None:
+        if self.hit:
+            return
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        if self.folder.exists():  # another evaluation filled the cache meanwhile
+            return
+        with atomic_path(self.folder) as tmp:
+            tmp.mkdir()
+            np.save(tmp / "features.npy", self.features.features)
+            np.save(tmp / "labels.npy", self.features.labels)
+            (tmp / "meta.json").write_text(json.dumps(
+                {**self.key_data, "reference_path": reference,
+                 "num_images": len(self.features.labels)}))
+
+
+def cached_split(job: EvalJob, extractor: Extractor, split: str = "reference") -> CachedSplit:
+    """The cache entry of the reference dataset's ``split`` (its reference images cut to
+    ``job.reference_per_class``, or its whole training split for the copy rate)."""
     per_class = job.reference_per_class if split == "reference" else None
     key_data = {"version": CACHE_VERSION, "reference": reference_identity(job.reference),
                 "per_class": per_class, "extractor": extractor.name,
@@ -278,26 +370,27 @@ def reference_features(job: EvalJob, extractor: Extractor,
     folder = Path(job.cache_dir or default_cache_dir()) / key
     cached = _read_cache(folder, extractor.feature_dim)
     if cached is not None:
-        logger.info("evaluate: reference features from cache %s", folder)
-        return cached, True
-    import ray
-
+        logger.info("evaluate: %s features from cache %s", split, folder)
+        return CachedSplit(split, key_data, folder, cached, hit=True)
     positions = _reference_positions(job.reference, per_class, split)
-    ds = ray.data.read_parquet(parquet.split_paths(job.reference, split)).select_columns(
-        ["image", "label", "source"])
-    ds = ds.map_batches(key_by_source, fn_kwargs={"positions": positions}, batch_format="numpy",
-                        batch_size=None)
-    feature_set = FeatureSet.empty(len(positions), extractor, with_logits=False)
-    _extract(ds, job, extractor, feature_set)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if not folder.exists():  # else another evaluation filled the cache meanwhile
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            np.save(tmp / "features.npy", feature_set.features)
-            np.save(tmp / "labels.npy", feature_set.labels)
-            (tmp / "meta.json").write_text(json.dumps(
-                {**key_data, "reference_path": job.reference, "num_images": len(positions)}))
-    return feature_set, False
+    into = FeatureSet.empty(len(positions), extractor, with_logits=False)
+    info = parquet.load_info(job.reference)
+    rows = functools.partial(image_rows, Folder(job.reference), info.files[split],
+                             ["image", "label", "source"], keyer=key_by_source,
+                             rows_per_block=job.batch_size, keyer_kwargs={"positions": positions})
+    return CachedSplit(split, key_data, folder, into, hit=False,
+                       pass_=FeaturePass(split, rows, into))
+
+
+def reference_features(job: EvalJob, extractor: Extractor,
+                       splits: tuple[str, ...] = ("reference",)) -> dict[str, CachedSplit]:
+    """The features of the reference dataset's ``splits``: the cached ones read back, the
+    others extracted in one pass and cached."""
+    found = {split: cached_split(job, extractor, split) for split in splits}
+    extract(job, extractor, [c.pass_ for c in found.values() if c.pass_ is not None])
+    for entry in found.values():
+        entry.store(job.reference)
+    return found
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -357,20 +450,26 @@ def _write_outputs(out: Folder, result: dict) -> None:
 
 def run_evaluation(job: EvalJob) -> dict:
     """Extract features, compute the metrics, write metrics.json and metrics.png."""
-    manifest, info, paths = check_job(job)
+    manifest, info, _ = check_job(job)
     extractor = resolve_extractor(job.features, job.inception_weights, job.download)
     check_extractor(extractor, info)
     classifier = extractor.kind == "classifier"
     runtime.init_ray(job.actors * job.cpus_per_actor)
     start = time.monotonic()
-    ref, cache_hit = reference_features(job, extractor)
-    train = reference_features(job, extractor, "train")[0] if job.copying else None
-    ref_seconds = time.monotonic() - start
+    splits = ("reference", "train") if job.copying else ("reference",)
+    cached = {split: cached_split(job, extractor, split) for split in splits}
     groups = metrics_lib.class_groups(info.counts("train"))
     shots = metrics_lib.shot_groups(info.counts("train"))
-    gen, gen_stats = sample_features(job, manifest, paths, extractor, groups,
-                                     "isc" in job.metrics or classifier)
+    generated, gen_stats = sample_pass(job, manifest, extractor, groups,
+                                       "isc" in job.metrics or classifier)
+    passes = [c.pass_ for c in cached.values() if c.pass_ is not None] + [generated]
+    lookup_seconds = time.monotonic() - start
+    extract(job, extractor, passes)  # one Ray Data execution for every set that needs it
+    for entry in cached.values():
+        entry.store(job.reference)
     features_seconds = time.monotonic() - start
+    ref, gen = cached["reference"].features, generated.into
+    train = cached["train"].features if job.copying else None
     classes = [int(c) for c in manifest["identity"]["classes"]]
     result = {
         "samples": str(job.samples), "reference": str(job.reference),
@@ -389,9 +488,11 @@ def run_evaluation(job: EvalJob) -> dict:
         "shot_groups": {name: [c for c in range(info.num_classes) if shots[c] == g]
                         for g, name in enumerate(SHOT_GROUPS)},
         **compute_all(job, gen, gen_stats, ref, groups, classes, classifier, train, shots),
-        "reference_cache": "hit" if cache_hit else "miss",
-        "seconds": {"reference_features": round(ref_seconds, 2),
-                    "sample_features": round(features_seconds - ref_seconds, 2),
+        "reference_cache": "hit" if cached["reference"].hit else "miss",
+        # images through the feature extractor, per set (a cached set's are not)
+        "extracted": {p.name: len(p.into.labels) for p in passes},
+        "seconds": {"setup": round(lookup_seconds, 2),
+                    "features": round(features_seconds - lookup_seconds, 2),
                     "metrics": round(time.monotonic() - start - features_seconds, 2)},
     }
     if classifier:

@@ -256,11 +256,12 @@ def reference_stats(job: SearchJob, info: parquet.DatasetInfo, spec: EvalSpec) -
 
     extractor = spec.extractor()
     request = EvalJob(samples="", reference=job.data, reference_per_class=job.reference_per_class)
-    ref, _ = reference_features(request, extractor, "reference")
-    train = None
-    if info.num_images("train") <= COPY_MAX_TRAIN:
-        rows, _ = reference_features(request, extractor, "train")
-        train = (rows.features, rows.labels)
+    with_train = info.num_images("train") <= COPY_MAX_TRAIN
+    found = reference_features(request, extractor,
+                               ("reference", "train") if with_train else ("reference",))
+    ref = found["reference"].features
+    train = (found["train"].features.features, found["train"].features.labels) \
+        if with_train else None
     return ReferenceStats.of(spec.feature, info.counts("train"), ref.features, ref.labels, train)
 
 

@@ -1,65 +1,73 @@
-"""Building a small training split into Ray's object store: a Ray Data pass vs the driver.
+"""A short training run fed from memory vs through Ray Data, side by side.
 
-`raydiff train` decodes a training split of up to 50,000 images on the driver and hands the
-arrays to Ray Data as blocks (``raydiff.distributed.train.build_dataset``); larger splits
-that still fit in memory go through a Ray Data read -> decode -> repartition -> materialize
-pass. This times both ways on the same prepared dataset, alternating, after one warm-up
-of each (task workers started), and prints the medians and their ratio.
+`raydiff train` holds a training split of up to ``train.in_memory_max_images`` images in Ray's
+object store, decoded once by the driver, and every worker draws its epochs from the arrays
+(``raydiff.distributed.train.in_memory``); a larger split streams through a Ray Data pipeline
+(a coordinator actor, read and decode tasks, an execution per epoch). This fits the same run
+both ways (``train.in_memory_max_images`` at its default and at 0), alternating, after one
+warm-up of each, and prints the medians of the whole fit and of the steady-state images/s
+(the last report's), and their ratios.
 
-    python benchmarks/train_data_start.py --data runs/datasets/shapes-16px --repeat 3
+    python benchmarks/train_data_start.py --data runs/datasets/shapes-16px --steps 60
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
-import ray
-
-from raydiff.data import parquet
+from raydiff import config as config_lib
 from raydiff.distributed import runtime
+from raydiff.distributed.train import TrainJob, run_training
 
 
-def ray_data_pass(data: str, blocks: int):
-    ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(
-        ["image", "label"])
-    return ds.map_batches(parquet.decode_training_batch,
-                          batch_format="numpy").repartition(blocks).materialize()
-
-
-def driver_decode(data: str, blocks: int):
-    images, labels = parquet.read_split_arrays(data, "train")
-    return ray.data.from_items([{"image": image, "label": int(label)}
-                                for image, label in zip(images, labels)],
-                               override_num_blocks=blocks)
+def fit(data: str, storage: str, name: str, steps: int, batch: int, streamed: bool) -> tuple:
+    overrides = [f"optim.total_steps={steps}", f"optim.batch_size={batch}",
+                 f"train.log_every={max(1, steps // 3)}", f"train.ckpt_every={steps}",
+                 "train.preview_per_class=0"]
+    if streamed:
+        overrides.append("train.in_memory_max_images=0")
+    cfg = config_lib.resolve("tiny", overrides=overrides)
+    start = time.perf_counter()
+    run_training(TrainJob(data=data, cfg=cfg, storage=storage, name=name, max_failures=0))
+    seconds = time.perf_counter() - start
+    rows = [json.loads(line) for line in
+            (Path(storage) / name / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return seconds, rows[-1]["images_per_s"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a prepared dataset")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
-    rows = parquet.load_info(args.data).num_images("train")
-    blocks = max(1, rows // (2 * args.batch_size))
-    runtime.init_ray(2)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ways = {"Ray Data pass": ray_data_pass, "driver decode": driver_decode}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for round_ in range(args.repeat + 1):
-        for name, build in ways.items():
-            start = time.perf_counter()
-            ds = build(args.data, blocks)
-            first = next(iter(ds.iter_batches(batch_size=args.batch_size)))
-            assert len(first["label"]) == min(args.batch_size, rows)
-            if round_:  # round 0 warms up both
-                times[name].append(time.perf_counter() - start)
-    print(f"{args.data}: {rows} training images, {blocks} blocks, median of {args.repeat}")
-    for name, values in times.items():
-        print(f"{name:<14} {statistics.median(values):7.3f} s  (to the first batch)")
-    ratio = statistics.median(times["Ray Data pass"]) / statistics.median(times["driver decode"])
-    print(f"Ray Data pass / driver decode: {ratio:.1f}x")
+    runtime.init_ray(1)
+    ways = {"in memory": False, "Ray Data": True}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    speed: dict[str, list[float]] = {name: [] for name in ways}
+    with tempfile.TemporaryDirectory() as storage:
+        for round_ in range(args.repeat + 1):
+            for name, streamed in ways.items():
+                took, images_per_s = fit(args.data, storage, f"r{round_}-{int(streamed)}",
+                                         args.steps, args.batch_size, streamed)
+                if round_:  # round 0 warms up both
+                    seconds[name].append(took)
+                    speed[name].append(images_per_s)
+    print(f"{args.data}: {args.steps} steps of batch {args.batch_size} (tiny preset, 1 worker),"
+          f" median of {args.repeat}")
+    for name in ways:
+        print(f"{name:<10} fit {statistics.median(seconds[name]):6.2f} s   "
+              f"{statistics.median(speed[name]):7.1f} images/s (last report)")
+    fit_ratio = statistics.median(seconds["Ray Data"]) / statistics.median(seconds["in memory"])
+    speed_ratio = statistics.median(speed["in memory"]) / statistics.median(speed["Ray Data"])
+    print(f"fit time Ray Data / in memory: {fit_ratio:.2f}x; "
+          f"images/s in memory / Ray Data: {speed_ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from torchvision.models import resnet as tv_resnet
 from raydiff import checkpoint as checkpoint_lib
 from raydiff.checkpoint import read_optimizer, read_tensors, write_tensors
 from raydiff.config import ClassifierConfig
+from raydiff.data.resample import epoch_batches, steps_per_epoch
 from raydiff.engine import NonFiniteLossError, step_seed
 from raydiff.errors import RaydiffError
 from raydiff.metrics import GROUPS, SHOT_GROUPS, class_groups, shot_groups
@@ -153,24 +154,6 @@ def augment(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generat
 
 
 # --- training ---------------------------------------------------------------------------------
-
-def steps_per_epoch(num_images: int, batch_size: int) -> int:
-    """Full global batches per epoch (the remainder is dropped, a fresh one every epoch)."""
-    return num_images // batch_size
-
-
-def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world: int = 1) -> np.ndarray:
-    """Indices of one worker's images for every step of an epoch, (steps, batch_size / world).
-
-    One permutation per (seed, epoch), cut into global batches; worker ``rank`` takes every
-    ``world``-th image of each, so workers hold disjoint shards and take the same number of
-    steps, and a resumed run sees the same order as an uninterrupted one.
-    """
-    steps = steps_per_epoch(num_images, batch_size)
-    order = np.random.default_rng([seed, epoch]).permutation(num_images)
-    return order[:steps * batch_size].reshape(steps, batch_size)[:, rank::world]
-
 
 def learning_rate(cfg: ClassifierConfig, step: int, per_epoch: int) -> float:
     """Linear warm-up over ``warmup_epochs``, then cosine decay towards 0 (reached one step

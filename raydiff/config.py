@@ -131,6 +131,9 @@ class TrainConfig:
     seed: int = 0
     hflip: bool = True  # random horizontal flip
     resample_factor: float = 0.0  # BRS f in (0, 1]; 0 = off (sample as the data comes)
+    # training splits of up to this many images are held in memory (Ray's object store, read
+    # zero-copy by every worker); larger ones stream through Ray Data
+    in_memory_max_images: int = 50_000
     log_every: int = 100  # steps between metric reports
     ckpt_every: int = 5000  # steps between checkpoints
     num_to_keep: int = 3  # checkpoints kept on storage
@@ -287,6 +290,8 @@ def validate(cfg: Config) -> None:
         (t.seed >= 0, "train.seed", t.seed, ">= 0"),
         (0.0 <= t.resample_factor <= 1.0, "train.resample_factor", t.resample_factor,
          "in [0, 1] (0 = off)"),
+        (t.in_memory_max_images >= 0, "train.in_memory_max_images", t.in_memory_max_images,
+         ">= 0 (0 = always stream through Ray Data)"),
         (t.log_every >= 1, "train.log_every", t.log_every, ">= 1"),
         (t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, ">= 1"),
         (t.num_to_keep >= 1, "train.num_to_keep", t.num_to_keep, ">= 1"),

@@ -5,7 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from raydiff.data.resample import brs_class_probs, class_ranks, repeat_rates, resample_rows
+from raydiff.data.resample import (
+    brs_class_probs,
+    brs_position_counts,
+    class_ranks,
+    epoch_batches,
+    epoch_order,
+    repeat_rates,
+    resample_rows,
+)
 
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -100,9 +108,44 @@ def test_brs_matches_the_released_sampler_in_class_shares_and_duplicates():
     assert mean["local shuffle only"] > 2.5 * mean["released"], mean
 
 
+def test_in_memory_epochs_are_the_released_sampler_draw_for_draw():
+    """A split held in memory draws its BRS epochs exactly as the released sampler does: the
+    same class for every position and the same image, given the same random stream."""
+    counts = [int(500 * 0.01 ** (c / 9)) for c in range(10)]
+    labels = np.repeat(np.arange(10), counts)  # the released order: class 0 the largest
+    n = len(labels)
+    class_of = released_class_of_position(n, 0.1, 10)
+    assert brs_position_counts(counts, 0.1).tolist() == np.bincount(class_of).tolist()
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for epoch in range(3):
+        rng = np.random.default_rng([7, epoch])
+        cls = class_of[rng.permutation(n)]
+        released = first[cls] + (rng.random(n) * np.asarray(counts)[cls]).astype(np.int64)
+        assert np.array_equal(epoch_order(labels, 10, 7, epoch, 0.1), released)
+    # rows stored in any order: the same draws, by label
+    shuffled = np.random.default_rng(1).permutation(n)
+    order = epoch_order(labels[shuffled], 10, 7, 0, 0.1)
+    assert np.array_equal(labels[shuffled][order], labels[epoch_order(labels, 10, 7, 0, 0.1)])
+    assert not np.array_equal(epoch_order(labels, 10, 7, 0, 0.1),
+                              epoch_order(labels, 10, 7, 1, 0.1))  # a new draw every epoch
+
+
+def test_in_memory_shards_cover_each_global_batch_once():
+    labels = np.repeat(np.arange(4), [40, 20, 10, 5])
+    for factor in (0.0, 0.1):
+        whole = epoch_batches(75, 16, 3, 2, labels=labels, num_classes=4, factor=factor)
+        shards = [epoch_batches(75, 16, 3, 2, rank, 2, labels, 4, factor) for rank in range(2)]
+        assert whole.shape == (4, 16) and shards[0].shape == (4, 8)
+        for step in range(4):
+            assert sorted(np.concatenate([s[step] for s in shards])) == sorted(whole[step])
+    balanced = epoch_batches(75, 15, 3, 0, labels=labels, num_classes=4, factor=1.0)
+    assert np.bincount(labels[balanced.ravel()], minlength=4).tolist() == [18, 18, 18, 21]
+
+
 @pytest.mark.slow
 def test_brs_pipeline_spreads_copies_like_the_released_sampler(ray_local, shapes16):
-    """The real Ray Data training pipeline (BRS on, flips off), epoch after epoch."""
+    """The Ray Data training pipeline of a split too large for memory (BRS on, flips off),
+    epoch after epoch."""
     import hashlib
 
     from raydiff import config as config_lib

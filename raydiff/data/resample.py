@@ -1,4 +1,4 @@
-"""Batch resampling (BRS): flatten the class distribution the trainer sees.
+"""Epoch orders and batch resampling (BRS): flatten the class distribution the trainer sees.
 
 Classes ranked by training count (rank 0 = largest) are drawn with probability
 p_c proportional to f^(rank_c / (C - 1)) (docs/METHOD.md, "Batch resampling"): f = 1 is fully
@@ -65,3 +65,57 @@ class Resample:
 
     def __call__(self, batch: dict) -> dict:
         return resample_rows(batch, self.rates, np.random.default_rng())
+
+
+# --- epochs of a split held in memory -----------------------------------------------------
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Full global batches per epoch (the remainder is dropped, a fresh one every epoch)."""
+    return num_images // batch_size
+
+
+def brs_position_counts(counts: Sequence[int], factor: float) -> np.ndarray:
+    """Positions of an epoch of sum(counts) rows that the released ``brs()`` gives each class:
+    floor(N p_c), and the positions the floors leave over to the class ranked last (the
+    released loop hands them to its last class index, the smallest class)."""
+    counts = np.asarray(counts)
+    n = int(counts.sum())
+    positions = np.floor(n * brs_class_probs(counts, factor)).astype(np.int64)
+    positions[np.argmax(class_ranks(counts))] += n - int(positions.sum())
+    return positions
+
+
+def epoch_order(labels: np.ndarray, num_classes: int, seed: int, epoch: int,
+                factor: float = 0.0) -> np.ndarray:
+    """The row indices of one epoch, drawn from (seed, epoch) alone.
+
+    Without BRS a permutation of the rows. With BRS the released sampler: a shuffled epoch of
+    positions, ``brs_position_counts`` of them per class, each position filled with a
+    uniformly random image of its class (drawn with replacement)."""
+    rng = np.random.default_rng([seed, epoch])
+    n = len(labels)
+    if factor <= 0:
+        return rng.permutation(n)
+    counts = np.bincount(labels, minlength=num_classes)
+    by_class = np.argsort(labels, kind="stable")  # the rows of class c: a contiguous run
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    cls = rng.permutation(np.repeat(np.arange(num_classes), brs_position_counts(counts, factor)))
+    return by_class[first[cls] + (rng.random(n) * counts[cls]).astype(np.int64)]
+
+
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1, labels: np.ndarray | None = None, num_classes: int = 0,
+                  factor: float = 0.0) -> np.ndarray:
+    """Indices of one worker's images for every step of an epoch, (steps, batch_size / world).
+
+    One order per (seed, epoch) (``epoch_order``; BRS needs the ``labels``), cut into global
+    batches; worker ``rank`` takes every ``world``-th image of each, so workers hold disjoint
+    shards and take the same number of steps, and a resumed run sees the same order as an
+    uninterrupted one.
+    """
+    steps = steps_per_epoch(num_images, batch_size)
+    if factor > 0:
+        order = epoch_order(np.asarray(labels), num_classes, seed, epoch, factor)
+    else:
+        order = np.random.default_rng([seed, epoch]).permutation(num_images)
+    return order[:steps * batch_size].reshape(steps, batch_size)[:, rank::world]

@@ -4,7 +4,7 @@ mixed with balanced synthetic samples, evaluated on the balanced reference split
 The driver (``run_classify``) checks the request, reads the training split and the sample
 folders, mixes them (``raydiff.data.mixing``) and puts the decoded arrays in Ray's object
 store once; every worker reads them from there (zero-copy on its node) and trains on its
-shard of every global batch (``raydiff.classifier.epoch_batches``: disjoint shards, the same
+shard of every global batch (``raydiff.data.resample.epoch_batches``: disjoint shards, the same
 number of steps on every worker, DDP all-reduces the gradients). The arrays are held in
 memory: right for CIFAR-LT and for 64 px ImageNet-LT (about 1.4 GB); larger data would want a
 Ray Data pipeline as ``raydiff train`` has.
@@ -38,10 +38,10 @@ from raydiff.classifier import (
     correct_counts,
     fit_to_data,
     predict,
-    steps_per_epoch,
 )
 from raydiff.data import parquet
 from raydiff.data.mixing import MixedSet, MixRule, load_synthetic, mix
+from raydiff.data.resample import steps_per_epoch
 from raydiff.distributed import runtime
 from raydiff.distributed.runtime import Scaling, find_latest_checkpoint, storage_and_name
 from raydiff.engine import NonFiniteLossError

@@ -1,7 +1,9 @@
-"""Distributed training on Ray Train: DDP workers fed by a Ray Data pipeline.
+"""Distributed training on Ray Train: DDP workers fed from memory or by a Ray Data pipeline.
 
-The driver (``run_training``) checks the request before any worker starts, builds the
-pipeline (Parquet -> optional BRS -> PNG decode + flips) and fits a ``TorchTrainer``. Each
+The driver (``run_training``) checks the request before any worker starts, puts a small
+training split in Ray's object store decoded (``train.in_memory_max_images``) or builds the
+Ray Data pipeline of a large one (Parquet -> optional BRS -> PNG decode), and fits a
+``TorchTrainer``. Each
 worker (``train_loop_per_worker``) runs the core ``Engine``: it resumes from the latest
 checkpoint Ray hands it, reports every ``train.log_every`` steps and writes a checkpoint every
 ``train.ckpt_every`` steps (rank 0 writes the files; every rank reports, since a report is a
@@ -27,7 +29,7 @@ from raydiff import config as config_lib
 from raydiff.checkpoint import describe_mismatch
 from raydiff.config import Config
 from raydiff.data import parquet
-from raydiff.data.resample import Resample, class_ranks, repeat_rates
+from raydiff.data.resample import Resample, class_ranks, epoch_batches, repeat_rates, steps_per_epoch
 from raydiff.distributed import runtime
 from raydiff.distributed.runtime import Scaling, run_dir
 from raydiff.engine import Engine, NonFiniteLossError, step_seed
@@ -40,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 _SHUFFLE_BUFFER_BATCHES = 4  # local shuffle buffer, in per-worker batches
 DECODE_ONCE_MAX_BYTES = 2 << 30  # training splits this small (decoded) are decoded once
-DRIVER_DECODE_MAX_ROWS = 50_000  # ... and, this short, by the driver (build_dataset)
 _BLOCK_BATCHES = 2  # rows per block of a decoded-once split, in global batches
 
 
@@ -102,18 +103,33 @@ def check_batch(job: TrainJob, info: parquet.DatasetInfo) -> None:
 
 # --- the data pipeline ----------------------------------------------------------------------
 
-def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
-    """The training pipeline; every iteration over it is a new epoch.
+def decoded_bytes(info: parquet.DatasetInfo, cfg: Config) -> int:
+    return info.num_images("train") * info.resolution ** 2 * cfg.model.in_channels
 
-    A training split whose decoded images fit in ``DECODE_ONCE_MAX_BYTES`` (the built-in
-    shapes, CIFAR-LT, TinyImageNet-LT at 64 px) is decoded once, here, and kept in the object
-    store in blocks of about ``_BLOCK_BATCHES`` batches; each epoch then only reorders those
-    blocks. Up to ``DRIVER_DECODE_MAX_ROWS`` images the driver decodes them itself: a Ray Data
-    read-decode-repartition pass costs seconds of task scheduling even for a hundred images
-    (3.6-10 s against 0.03 s for the test's 109 images, 2-core machine), while the driver
-    decodes CIFAR-10-LT's 12k PNGs in well under a second. A larger split streams: every epoch
-    reads and decodes the Parquet shards again. On 2 CPU cores, re-decoding the shapes' PNGs
-    stalled each 31-step epoch by 5-8 s. Flips are drawn by the worker, on its device
+
+def in_memory(info: parquet.DatasetInfo, cfg: Config) -> bool:
+    """Whether the training split is held in memory rather than streamed through Ray Data.
+
+    In memory (up to ``train.in_memory_max_images`` images, 2 GiB decoded: the shapes,
+    CIFAR-LT, TinyImageNet-LT at 64 px), the driver decodes the split once (CIFAR-10-LT's 12k
+    PNGs in well under a second) and every worker reads the arrays zero-copy from its node's
+    object store and draws its epochs with ``raydiff.data.resample.epoch_batches``: a global
+    permutation every epoch (or the released BRS draws), the same on every worker and on a
+    resumed run. A Ray Data pipeline costs a coordinator actor, read tasks and an execution
+    per epoch: seconds a run for a small split (``benchmarks/train_data_start.py``)."""
+    return (info.num_images("train") <= cfg.train.in_memory_max_images
+            and decoded_bytes(info, cfg) <= DECODE_ONCE_MAX_BYTES)
+
+
+def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
+    """The Ray Data pipeline of a split too large to hold in memory; every iteration over it
+    is a new epoch.
+
+    A split whose decoded images fit in ``DECODE_ONCE_MAX_BYTES`` is decoded once by Ray Data
+    tasks and kept in the object store in blocks of about ``_BLOCK_BATCHES`` batches; each
+    epoch then only reorders those blocks. A larger split streams: every epoch reads and
+    decodes the Parquet shards again. Each worker shuffles locally (a buffer of
+    ``_SHUFFLE_BUFFER_BATCHES`` batches); flips are drawn by the worker, on its device
     (``_batches``).
     """
     import ray
@@ -123,20 +139,13 @@ def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = runtime.verbose()
-    rows = info.num_images("train")
-    decode_once = rows * info.resolution ** 2 * cfg.model.in_channels <= DECODE_ONCE_MAX_BYTES
-    blocks = max(1, rows // (_BLOCK_BATCHES * cfg.optim.batch_size))
-    if decode_once and rows <= DRIVER_DECODE_MAX_ROWS:
-        images, labels = parquet.read_split_arrays(data, "train")
-        ds = ray.data.from_items([{"image": image, "label": int(label)}
-                                  for image, label in zip(images, labels)],
-                                 override_num_blocks=blocks)
-    else:
-        ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(
-            ["image", "label"])
-        if decode_once:
-            ds = ds.map_batches(parquet.decode_training_batch,
-                                batch_format="numpy").repartition(blocks).materialize()
+    decode_once = decoded_bytes(info, cfg) <= DECODE_ONCE_MAX_BYTES
+    blocks = max(1, info.num_images("train") // (_BLOCK_BATCHES * cfg.optim.batch_size))
+    ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(
+        ["image", "label"])
+    if decode_once:
+        ds = ds.map_batches(parquet.decode_training_batch,
+                            batch_format="numpy").repartition(blocks).materialize()
     ds = ds.randomize_block_order()
     if cfg.train.resample_factor > 0:
         rates = repeat_rates(info.counts("train"), cfg.train.resample_factor)
@@ -149,19 +158,43 @@ def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
 
 # --- the worker -----------------------------------------------------------------------------
 
-def _batches(shard, batch_size: int, device: torch.device,
-             flip_generator: torch.Generator | None) -> Iterator[tuple]:
-    """Endless (images in [-1, 1] NCHW, labels) batches, epoch after epoch; with a generator,
-    each image is flipped horizontally with probability 1/2."""
+def _model_input(images: torch.Tensor, labels: torch.Tensor,
+                 flip_generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC -> [-1, 1] NCHW; with a generator, each image is flipped horizontally with
+    probability 1/2."""
+    x0 = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if flip_generator is not None:
+        flip = torch.rand(x0.shape[0], device=x0.device, generator=flip_generator) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+    return x0, labels.long()
+
+
+def _stream_batches(shard, batch_size: int, device: torch.device,
+                    flip_generator: torch.Generator | None) -> Iterator[tuple]:
+    """Endless batches from a Ray Data shard, epoch after epoch."""
     while True:
         for batch in shard.iter_torch_batches(
                 batch_size=batch_size, drop_last=True, device=device,
                 local_shuffle_buffer_size=_SHUFFLE_BUFFER_BATCHES * batch_size):
-            x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            if flip_generator is not None:
-                flip = torch.rand(x0.shape[0], device=device, generator=flip_generator) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            yield x0, batch["label"].long()
+            yield _model_input(batch["image"], batch["label"], flip_generator)
+
+
+def _memory_batches(images: np.ndarray, labels: np.ndarray, cfg: Config, rank: int, world: int,
+                    start_step: int, device: torch.device,
+                    flip_generator: torch.Generator | None) -> Iterator[tuple]:
+    """Endless batches of a split held in memory: this worker's share of every global batch
+    of ``epoch_batches``, from the batch of ``start_step`` on (a resumed run continues the
+    epoch it stopped in)."""
+    batch = cfg.optim.batch_size
+    per_epoch = steps_per_epoch(len(labels), batch)
+    epoch, offset = divmod(start_step, per_epoch)
+    while True:
+        order = epoch_batches(len(labels), batch, cfg.train.seed, epoch, rank, world, labels,
+                              cfg.model.num_classes, cfg.train.resample_factor)
+        for rows in order[offset:]:
+            yield _model_input(torch.from_numpy(images[rows]).to(device),
+                               torch.from_numpy(labels[rows]).to(device), flip_generator)
+        epoch, offset = epoch + 1, 0
 
 
 def replica_divergence(model: torch.nn.Module, device) -> float:
@@ -223,8 +256,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
     flips = None
     if cfg.train.hflip:
         flips = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, rank, start_step))
-    batches = _batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size // world,
-                       device, flips)
+    if loop_config.get("in_memory"):
+        images, labels = ray.get(loop_config["in_memory"])
+        batches = _memory_batches(images, labels, cfg, rank, world, start_step, device, flips)
+    else:
+        batches = _stream_batches(ray.train.get_dataset_shard("train"),
+                                  cfg.optim.batch_size // world, device, flips)
 
     sums: dict[str, float] = {}
     seen, tick = 0, time.perf_counter()
@@ -269,6 +306,8 @@ def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.
 
 def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | None = None):
     """The TorchTrainer of a checked job (``prepare_job``); Tune passes its report callback."""
+    import ray
+
     loop_config = {
         "config": job.cfg.to_dict(),
         "class_counts": list(info.counts("train")),
@@ -276,10 +315,15 @@ def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | No
         # in a list, so Ray hands the worker the reference, not its 100+ MB of statistics
         "eval_reference": [job.eval_reference],
     }
-    return runtime.torch_trainer(f"{__name__}:train_loop_per_worker", loop_config, job.scaling, job.storage,
-                                 job.name, job.cfg.train.num_to_keep,
-                                 datasets={"train": build_dataset(job.data, info, job.cfg)},
-                                 callbacks=callbacks)
+    datasets = None
+    if in_memory(info, job.cfg):
+        images, labels = parquet.read_split_arrays(job.data, "train")
+        loop_config["in_memory"] = [ray.put(images), ray.put(labels)]
+    else:
+        datasets = {"train": build_dataset(job.data, info, job.cfg)}
+    return runtime.torch_trainer(f"{__name__}:train_loop_per_worker", loop_config, job.scaling,
+                                 job.storage, job.name, job.cfg.train.num_to_keep,
+                                 datasets=datasets, callbacks=callbacks)
 
 
 def run_training(job: TrainJob):

@@ -540,11 +540,8 @@ def dataset_uri(ray_dashboard_url, s3_bucket) -> str:
 
 # The session's one training job on object storage: tests/test_s3.py samples, classifies and
 # evaluates from the run it leaves in the bucket.
-# in_memory_max_images=0: this run streams its split from the bucket through Ray Data, the
-# path of splits too large to hold in memory (every other test run holds its split in memory)
 S3_TRAIN = ["optim.batch_size=16", "optim.warmup_steps=5", "train.log_every=5",
-            "train.ckpt_every=5", "train.preview_per_class=1", "sample.steps=4",
-            "train.in_memory_max_images=0"]
+            "train.ckpt_every=5", "train.preview_per_class=1", "sample.steps=4"]
 
 
 @dataclass(frozen=True)
@@ -562,9 +559,8 @@ class TrainedInBucket:
 
 @pytest.fixture(scope="session")
 def trained_in_bucket(ray_dashboard_url, dataset_uri, s3_bucket) -> TrainedInBucket:
-    """jobs/train.py with 2 DDP workers, dataset and storage on the S3 server, the dataset
-    streamed through Ray Data: trained to step 10, then the same job submitted again with a
-    larger budget, to step 15."""
+    """jobs/train.py with 2 DDP workers, dataset and storage on the S3 server: trained to step
+    10, then the same job submitted again with a larger budget, to step 15."""
     storage, name = f"{s3_bucket}/runs", "tiny-s3"
     args = ["--data", dataset_uri, "--storage", storage, "--name", name,
             "--preset", "tiny", "--workers", "2"] + [a for o in S3_TRAIN for a in ("--set", o)]

@@ -55,7 +55,7 @@ def wait(dashboard_url: str, submission_id: str, expected: str = "SUCCEEDED") ->
     try:
         while not (status := client.get_job_status(submission_id)).is_terminal():
             assert time.monotonic() < deadline, f"job {submission_id} still {status}"
-            time.sleep(1)
+            time.sleep(0.25)
     finally:
         if not client.get_job_status(submission_id).is_terminal():
             client.stop_job(submission_id)

@@ -184,3 +184,36 @@ def test_brs_pipeline_spreads_copies_like_the_released_sampler(ray_local, shapes
     runs = [np.mean([released_epoch() for _ in range(epochs)]) for _ in range(2000)]
     low, high = np.quantile(runs, [0.0005, 0.9995])
     assert low <= np.mean(found) <= high, (found, low, high)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.1])
+def test_a_resumed_in_memory_run_sees_the_batches_an_uninterrupted_one_does(factor):
+    """The training batches of a split held in memory: two workers' shares make the global
+    batch, and a run resumed at step 7 (mid-epoch) continues batch for batch."""
+    import torch
+
+    from raydiff import config as config_lib
+    from raydiff.distributed.train import _memory_batches
+
+    labels = np.repeat(np.arange(4), [40, 20, 10, 5])
+    images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(
+        2, 2).repeat(3, 3)  # image i holds the value i everywhere: rows are traceable
+    cfg = config_lib.resolve("tiny", overrides=["optim.batch_size=16", "model.num_classes=4",
+                                                f"train.resample_factor={factor}"])
+
+    def rows(rank: int, world: int, start: int, steps: int) -> list[list[int]]:
+        batches = _memory_batches(images, labels, cfg, rank, world, start, torch.device("cpu"),
+                                  None)
+        out = []
+        for _ in range(steps):
+            x0, y = next(batches)
+            ids = ((x0[:, 0, 0, 0] + 1) * 127.5).round().long()
+            assert torch.equal(torch.from_numpy(labels)[ids], y)  # labels follow their image
+            out.append(ids.tolist())
+        return out
+
+    whole = rows(0, 1, 0, 12)  # 4 steps an epoch: three epochs
+    assert rows(0, 1, 7, 5) == whole[7:]
+    halves = [rows(rank, 2, 0, 12) for rank in range(2)]
+    assert [sorted(a + b) for a, b in zip(*halves)] == [sorted(w) for w in whole]
+    assert whole[0] != whole[4]  # a new order every epoch

@@ -185,6 +185,11 @@ def trial_driver(params: dict[str, Any], setup: dict[str, Any]) -> None:
     study: StudyJob = setup["study"]
     variant = next(v for v in study.variants if v.label == params["variant"])
     seed = int(params["seed"])
+    if _run_done(study, variant.label, seed):
+        # finished before the study's driver died, but not yet recorded as finished by Tune:
+        # its Train run holds the last checkpoint, so starting its workers again is waste
+        logger.info("run %s is trained", study.run_name(variant.label, seed))
+        return
     cfg = fit_config_to_data(study.config(variant, seed), setup["info"])
     job = dataclasses.replace(setup["job"], cfg=cfg, name=study.run_name(variant.label, seed))
     runtime.fit(build_trainer(job, setup["info"], callbacks=[TuneReportCallback()]))

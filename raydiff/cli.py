@@ -361,7 +361,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--cache-dir", help="reference feature cache "
                                        "(default: ~/.cache/raydiff/reference-features)")
     p.add_argument("--out", help="where metrics.json and metrics.png go (default: --samples)")
-    add_actor_arguments(p, "images per feature batch (default: 32)")
+    add_actor_arguments(p, "images per feature batch (default: 128)")
     p.set_defaults(run="raydiff.cli:_run_evaluate")
 
 
@@ -378,7 +378,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         per_class=args.per_class_fid, features=args.features,
         inception_weights=args.inception_weights,
         download=not args.no_download, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, batch_size=args.actor_batch or 32,
+        cpus_per_actor=args.cpus_per_actor, batch_size=args.actor_batch or EvalJob.batch_size,
         reference_per_class=args.reference_per_class, cache_dir=args.cache_dir, out=args.out,
         copying=not args.no_copy_metrics)
     result = run_evaluation(job)

@@ -75,7 +75,8 @@ class EvalJob:
     actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    batch_size: int = 32
+    # images per actor call: fewer, larger blocks through Ray Data; a GPU wants 128 or more
+    batch_size: int = 128
     reference_per_class: int | None = None  # use only the first N reference images per class
     # copy rate and diversity per set: needs the features of the reference dataset's training
     # split (cached like the reference's)

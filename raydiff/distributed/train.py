@@ -130,7 +130,7 @@ def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
     epoch then only reorders those blocks. A larger split streams: every epoch reads and
     decodes the Parquet shards again. Each worker shuffles locally (a buffer of
     ``_SHUFFLE_BUFFER_BATCHES`` batches); flips are drawn by the worker, on its device
-    (``_batches``).
+    (``_model_input``).
     """
     import ray
 

@@ -20,8 +20,7 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
-
+from raydiff.data import parquet
 from raydiff.data.samples import load_manifest
 from raydiff.distributed import evaluate, runtime
 from raydiff.features import pixel_extractor
@@ -30,11 +29,11 @@ from raydiff.metrics import class_groups
 
 def passes(job: evaluate.EvalJob, extractor) -> list[evaluate.FeaturePass]:
     manifest = load_manifest(job.samples)
-    info = evaluate.parquet.load_info(job.reference)
+    info = parquet.load_info(job.reference)
     generated, _ = evaluate.sample_pass(job, manifest, extractor,
                                         class_groups(info.counts("train")), with_logits=False)
     cached = [evaluate.cached_split(job, extractor, split) for split in ("reference", "train")]
-    return [c.pass_ for c in cached] + [generated]
+    return [c.pass_ for c in cached] + [generated]  # a fresh cache: both splits miss
 
 
 def one_execution(job, extractor) -> int:
@@ -81,7 +80,6 @@ def main() -> None:
         print(f"{name:<38} {statistics.median(values):7.2f} s")
     medians = [statistics.median(v) for v in times.values()]
     print(f"per set / one execution: {medians[1] / medians[0]:.1f}x")
-    assert np.isfinite(medians).all()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ import pytest
 
 from raydiff.data.resample import (
     brs_class_probs,
+    brs_epoch_order,
     brs_position_counts,
     class_ranks,
     epoch_batches,
-    epoch_order,
     repeat_rates,
     resample_rows,
 )
@@ -121,13 +121,14 @@ def test_in_memory_epochs_are_the_released_sampler_draw_for_draw():
         rng = np.random.default_rng([7, epoch])
         cls = class_of[rng.permutation(n)]
         released = first[cls] + (rng.random(n) * np.asarray(counts)[cls]).astype(np.int64)
-        assert np.array_equal(epoch_order(labels, 10, 7, epoch, 0.1), released)
+        assert np.array_equal(brs_epoch_order(labels, 10, 7, epoch, 0.1), released)
     # rows stored in any order: the same draws, by label
     shuffled = np.random.default_rng(1).permutation(n)
-    order = epoch_order(labels[shuffled], 10, 7, 0, 0.1)
-    assert np.array_equal(labels[shuffled][order], labels[epoch_order(labels, 10, 7, 0, 0.1)])
-    assert not np.array_equal(epoch_order(labels, 10, 7, 0, 0.1),
-                              epoch_order(labels, 10, 7, 1, 0.1))  # a new draw every epoch
+    order = brs_epoch_order(labels[shuffled], 10, 7, 0, 0.1)
+    assert np.array_equal(labels[shuffled][order],
+                          labels[brs_epoch_order(labels, 10, 7, 0, 0.1)])
+    assert not np.array_equal(brs_epoch_order(labels, 10, 7, 0, 0.1),
+                              brs_epoch_order(labels, 10, 7, 1, 0.1))  # a new draw every epoch
 
 
 def test_in_memory_shards_cover_each_global_batch_once():

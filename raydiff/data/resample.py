@@ -85,17 +85,14 @@ def brs_position_counts(counts: Sequence[int], factor: float) -> np.ndarray:
     return positions
 
 
-def epoch_order(labels: np.ndarray, num_classes: int, seed: int, epoch: int,
-                factor: float = 0.0) -> np.ndarray:
-    """The row indices of one epoch, drawn from (seed, epoch) alone.
-
-    Without BRS a permutation of the rows. With BRS the released sampler: a shuffled epoch of
-    positions, ``brs_position_counts`` of them per class, each position filled with a
-    uniformly random image of its class (drawn with replacement)."""
+def brs_epoch_order(labels: np.ndarray, num_classes: int, seed: int, epoch: int,
+                    factor: float) -> np.ndarray:
+    """The row indices of one BRS epoch, drawn from (seed, epoch) alone, as the released
+    sampler draws them: a shuffled epoch of positions, ``brs_position_counts`` of them per
+    class, each position filled with a uniformly random image of its class (drawn with
+    replacement)."""
     rng = np.random.default_rng([seed, epoch])
     n = len(labels)
-    if factor <= 0:
-        return rng.permutation(n)
     counts = np.bincount(labels, minlength=num_classes)
     by_class = np.argsort(labels, kind="stable")  # the rows of class c: a contiguous run
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -108,14 +105,15 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, rank:
                   factor: float = 0.0) -> np.ndarray:
     """Indices of one worker's images for every step of an epoch, (steps, batch_size / world).
 
-    One order per (seed, epoch) (``epoch_order``; BRS needs the ``labels``), cut into global
+    One order per (seed, epoch) (a permutation, or with BRS ``brs_epoch_order``, which needs
+    the ``labels``), cut into global
     batches; worker ``rank`` takes every ``world``-th image of each, so workers hold disjoint
     shards and take the same number of steps, and a resumed run sees the same order as an
     uninterrupted one.
     """
     steps = steps_per_epoch(num_images, batch_size)
     if factor > 0:
-        order = epoch_order(np.asarray(labels), num_classes, seed, epoch, factor)
+        order = brs_epoch_order(np.asarray(labels), num_classes, seed, epoch, factor)
     else:
         order = np.random.default_rng([seed, epoch]).permutation(num_images)
     return order[:steps * batch_size].reshape(steps, batch_size)[:, rank::world]

@@ -92,7 +92,7 @@ def default_cache_dir() -> Path:
 
 # --- checks -----------------------------------------------------------------------------------
 
-def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo, list[str]]:
+def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo]:
     """The sample manifest and reference info, after checking they can be compared."""
     unknown = [m for m in job.metrics if m not in METRICS]
     if unknown or not job.metrics:
@@ -105,7 +105,7 @@ def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo, list[str]]:
         raise RaydiffError("--reference-per-class must be at least 2 (a covariance needs two "
                            f"images), got {job.reference_per_class}")
     manifest = load_manifest(job.samples)
-    paths = shard_paths(job.samples)  # refuses an incomplete or damaged folder
+    shard_paths(job.samples)  # refuses an incomplete or damaged folder
     info = parquet.load_info(job.reference)
     parquet.check_split(job.reference, "reference", info)
     if job.copying:
@@ -117,7 +117,7 @@ def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo, list[str]]:
     if ident["num_classes"] != info.num_classes:
         raise RaydiffError(f"reference {job.reference} has {info.num_classes} classes but the "
                            f"samples' checkpoint has {ident['num_classes']}")
-    return manifest, info, paths
+    return manifest, info
 
 
 def check_extractor(extractor: Extractor, info: parquet.DatasetInfo) -> None:
@@ -384,14 +384,18 @@ def cached_split(job: EvalJob, extractor: Extractor, split: str = "reference") -
 
 
 def reference_features(job: EvalJob, extractor: Extractor,
-                       splits: tuple[str, ...] = ("reference",)) -> dict[str, CachedSplit]:
+                       splits: tuple[str, ...] = ("reference",),
+                       also: tuple[FeaturePass, ...] = ()) -> tuple[dict[str, CachedSplit],
+                                                                     list[FeaturePass]]:
     """The features of the reference dataset's ``splits``: the cached ones read back, the
-    others extracted in one pass and cached."""
+    others extracted (in one pass with the sets ``also`` asks for) and cached. Returns the
+    splits and the passes that ran."""
     found = {split: cached_split(job, extractor, split) for split in splits}
-    extract(job, extractor, [c.pass_ for c in found.values() if c.pass_ is not None])
+    passes = [c.pass_ for c in found.values() if c.pass_ is not None] + list(also)
+    extract(job, extractor, passes)
     for entry in found.values():
         entry.store(job.reference)
-    return found
+    return found, passes
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -451,23 +455,19 @@ def _write_outputs(out: Folder, result: dict) -> None:
 
 def run_evaluation(job: EvalJob) -> dict:
     """Extract features, compute the metrics, write metrics.json and metrics.png."""
-    manifest, info, _ = check_job(job)
+    manifest, info = check_job(job)
     extractor = resolve_extractor(job.features, job.inception_weights, job.download)
     check_extractor(extractor, info)
     classifier = extractor.kind == "classifier"
     runtime.init_ray(job.actors * job.cpus_per_actor)
     start = time.monotonic()
-    splits = ("reference", "train") if job.copying else ("reference",)
-    cached = {split: cached_split(job, extractor, split) for split in splits}
     groups = metrics_lib.class_groups(info.counts("train"))
     shots = metrics_lib.shot_groups(info.counts("train"))
     generated, gen_stats = sample_pass(job, manifest, extractor, groups,
                                        "isc" in job.metrics or classifier)
-    passes = [c.pass_ for c in cached.values() if c.pass_ is not None] + [generated]
-    lookup_seconds = time.monotonic() - start
-    extract(job, extractor, passes)  # one Ray Data execution for every set that needs it
-    for entry in cached.values():
-        entry.store(job.reference)
+    # one Ray Data execution for the samples and every reference split not cached
+    cached, passes = reference_features(
+        job, extractor, ("reference", "train") if job.copying else ("reference",), (generated,))
     features_seconds = time.monotonic() - start
     ref, gen = cached["reference"].features, generated.into
     train = cached["train"].features if job.copying else None
@@ -492,8 +492,7 @@ def run_evaluation(job: EvalJob) -> dict:
         "reference_cache": "hit" if cached["reference"].hit else "miss",
         # images through the feature extractor, per set (a cached set's are not)
         "extracted": {p.name: len(p.into.labels) for p in passes},
-        "seconds": {"setup": round(lookup_seconds, 2),
-                    "features": round(features_seconds - lookup_seconds, 2),
+        "seconds": {"features": round(features_seconds, 2),
                     "metrics": round(time.monotonic() - start - features_seconds, 2)},
     }
     if classifier:

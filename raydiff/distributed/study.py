@@ -42,7 +42,14 @@ from raydiff.distributed.demo import feature_classifier
 from raydiff.distributed.evaluate import METRICS_FILE, EvalJob, run_evaluation
 from raydiff.distributed.runtime import find_latest_checkpoint, latest_step
 from raydiff.distributed.sample import SampleJob, run_sampling
-from raydiff.distributed.train import TrainJob, build_trainer, check_resume, fit_config_to_data, prepare_job
+from raydiff.distributed.train import (
+    TrainJob,
+    build_trainer,
+    check_resume,
+    fit_config_to_data,
+    prepare_job,
+    shared_split,
+)
 from raydiff.distributed.tune import max_concurrent
 from raydiff.errors import RaydiffError
 from raydiff.features import CLASSIFIER_PREFIX, WeightsUnavailable, resolve_extractor, resolve_weights
@@ -221,7 +228,7 @@ def train_all(job: StudyJob) -> None:
         return
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, setup={
-            "study": job, "job": train_job, "info": info}),
+            "study": job, "job": shared_split(train_job, info), "info": info}),
         {"CPU": _DRIVER_CPU})
     path = str(job.dir.resolve())
     if tune.Tuner.can_restore(path):

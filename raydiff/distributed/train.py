@@ -59,6 +59,9 @@ class TrainJob:
     max_failures: int = 2
     eval: EvalSpec | None = None  # in-training evaluation at every report (hyperparameter search)
     eval_reference: Any = None  # ObjectRef of the ReferenceStats that evaluation compares to
+    # [images, labels] ObjectRefs of a split held in memory, put once by a search or study
+    # driver for all its trials (``put_split``); None: ``build_trainer`` puts it
+    split_refs: list | None = None
 
     @property
     def scaling(self) -> Scaling:
@@ -304,10 +307,23 @@ def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.
     return job, info, resumed
 
 
-def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | None = None):
-    """The TorchTrainer of a checked job (``prepare_job``); Tune passes its report callback."""
+def put_split(data: str) -> list:
+    """A training split decoded into Ray's object store: [images, labels] ObjectRefs."""
     import ray
 
+    images, labels = parquet.read_split_arrays(data, "train")
+    return [ray.put(images), ray.put(labels)]
+
+
+def shared_split(job: TrainJob, info: parquet.DatasetInfo) -> TrainJob:
+    """The job with its split put once, when it is held in memory: every trial of a search or
+    study reads the same arrays instead of decoding and putting its own copy."""
+    return dataclasses.replace(job, split_refs=put_split(job.data)) \
+        if in_memory(info, job.cfg) else job
+
+
+def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | None = None):
+    """The TorchTrainer of a checked job (``prepare_job``); Tune passes its report callback."""
     loop_config = {
         "config": job.cfg.to_dict(),
         "class_counts": list(info.counts("train")),
@@ -317,8 +333,7 @@ def build_trainer(job: TrainJob, info: parquet.DatasetInfo, callbacks: list | No
     }
     datasets = None
     if in_memory(info, job.cfg):
-        images, labels = parquet.read_split_arrays(job.data, "train")
-        loop_config["in_memory"] = [ray.put(images), ray.put(labels)]
+        loop_config["in_memory"] = job.split_refs or put_split(job.data)
     else:
         datasets = {"train": build_dataset(job.data, info, job.cfg)}
     return runtime.torch_trainer(f"{__name__}:train_loop_per_worker", loop_config, job.scaling,

@@ -27,7 +27,7 @@ from raydiff import config as config_lib
 from raydiff.config import Config
 from raydiff.data import parquet
 from raydiff.distributed import runtime
-from raydiff.distributed.train import TrainJob, build_trainer, prepare_job
+from raydiff.distributed.train import TrainJob, build_trainer, prepare_job, shared_split
 from raydiff.errors import RaydiffError
 from raydiff.metrics import GROUPS
 from raydiff.quickeval import COPY_MAX_TRAIN, FEATURES, EvalSpec, ReferenceStats
@@ -257,8 +257,8 @@ def reference_stats(job: SearchJob, info: parquet.DatasetInfo, spec: EvalSpec) -
     extractor = spec.extractor()
     request = EvalJob(samples="", reference=job.data, reference_per_class=job.reference_per_class)
     with_train = info.num_images("train") <= COPY_MAX_TRAIN
-    found = reference_features(request, extractor,
-                               ("reference", "train") if with_train else ("reference",))
+    found, _ = reference_features(request, extractor,
+                                  ("reference", "train") if with_train else ("reference",))
     ref = found["reference"].features
     train = (found["train"].features.features, found["train"].features.labels) \
         if with_train else None
@@ -274,7 +274,8 @@ def build_tuner(job: SearchJob, restore: bool, checked: tuple):
 
     train_job, info, spec, metric = checked
     reference = reference_stats(job, info, spec)
-    train_job = dataclasses.replace(train_job, eval=spec, eval_reference=ray.put(reference))
+    train_job = shared_split(dataclasses.replace(train_job, eval=spec,
+                                                 eval_reference=ray.put(reference)), info)
     # The driver only waits on its TorchTrainer; Tune refuses an empty request, so it asks
     # for a token share of a CPU and the workers hold the real resources.
     trainable = tune.with_resources(

@@ -140,6 +140,7 @@ class TrainConfig:
     preview_per_class: int = 8  # EMA samples per class in the grid saved with a checkpoint
     bf16: bool = False  # bf16 autocast (GPU)
     channels_last: bool = False  # channels_last memory format (GPU; also faster on CPU)
+    compile: bool = False  # torch.compile the network (the DDP-wrapped one); for GPUs
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from raydiff.checkpoint import Checkpoint, load_checkpoint, read_config, read_weights, save_checkpoint
@@ -36,17 +37,33 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, applied: torch.Tensor | None = None) -> None:
+        """One EMA step. ``applied`` (a 0-d tensor, 1 or 0) scales it on the device: after a
+        skipped training step the average stays exactly as it was, and the host is not asked
+        (a tensor factor goes to ``_foreach_mul_`` as a tensor; a Python scalar would sync)."""
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        rate = 1.0 - self.decay
+        if applied is None:
+            torch._foreach_lerp_(ema_params, params, rate)
+        else:
+            steps = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(steps, applied * rate)
+            torch._foreach_add_(ema_params, steps)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            b_ema.copy_(b if applied is None else torch.where(applied > 0, b, b_ema))
 
 
 def build_optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def use_fused(optimizer: torch.optim.Optimizer) -> None:
+    """The fused kernels (CPU and CUDA) are the ones that skip a step on the device when told
+    ``found_inf``; a checkpoint's optimiser state may carry ``fused: None`` from before."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -81,11 +98,16 @@ class Engine:
         self.model: UNet = model.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.net = wrap(self.model) if wrap is not None else self.model
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim,
-                                         fused=self.device.type == "cuda")
+        if cfg.train.compile:
+            self.net = torch.compile(self.net)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, fused=True)
         self.diffusion = GaussianDiffusion(cfg.diffusion)
         self.generator = torch.Generator(self.device)
         self.step = 0
+        # device-side record of the steps since the last ``collect``
+        self._names: list[str] | None = None
+        self._sums = self._bad = None
+        self._seen, self._lr_sum = 0, 0.0
 
     # -- training ----------------------------------------------------------------------------
 
@@ -95,34 +117,89 @@ class Engine:
             group["lr"] = lr
         return lr
 
-    def train_step(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One optimiser step on a batch of images in [-1, 1] and labels; returns the terms."""
+    def train_step(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step on a batch of images in [-1, 1] and labels.
+
+        Returns the loss terms and the gradient norm as 0-d tensors on the device and never
+        waits for the device: the host learns how the steps went in ``collect``, once per log
+        interval. A step whose terms or gradient norm are not finite changes nothing: the fused
+        optimiser skips it on the device (``found_inf``), the EMA moves by zero, and the step
+        is recorded for ``collect`` to raise. Data-parallel workers agree on the skip (a
+        minimum over the workers), so their replicas stay equal.
+        """
         self.net.train()
         x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         y = y.to(self.device, non_blocking=True)
-        lr = self._set_lr()
+        self._lr_sum += self._set_lr()
         self.generator.manual_seed(step_seed(self.cfg.train.seed, self.rank, self.step))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
             terms = compute_losses(self.net, self.diffusion, x0, y, self.cfg.loss,
                                    self.class_prior, self.generator)
-        values = {name: float(v.detach()) for name, v in terms.items()}
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         clip = self.cfg.optim.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                         clip if clip > 0 else float("inf")))
-        # The gradients are already averaged over workers, so a NaN on any one of them shows
-        # in every worker's grad_norm and all stop at the same step, weights untouched.
-        bad = {name: v for name, v in values.items() if not math.isfinite(v)}
-        if bad or not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            named = bad or {"grad_norm": grad_norm}
-            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: " + ", ".join(
-                f"{name}={value}" for name, value in named.items()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   clip if clip > 0 else float("inf"))
+        out = {name: v.detach() for name, v in terms.items()} | {"grad_norm": grad_norm.detach()}
+        values = torch.stack([v.float() for v in out.values()])
+        finite = torch.isfinite(values).all().float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # queued, not waited for
+        self._record(list(out), values, finite)
+        self.optimizer.found_inf = 1.0 - finite  # read by the fused step, on the device
         self.optimizer.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, applied=finite)
         self.step += 1
-        return {**values, "lr": lr, "grad_norm": grad_norm}
+        return out
+
+    def _record(self, names: list[str], values: torch.Tensor, finite: torch.Tensor) -> None:
+        """Add a step's values to the device-side sums; remember the first non-finite step."""
+        if self._names != names:
+            if self._names is not None and self._seen:
+                raise RuntimeError(f"loss terms changed from {self._names} to {names}")
+            self._names = names
+            self._sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+            self._bad = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
+        self._sums += values.double()
+        # _bad = [step of the first non-finite step (0: none yet), its values...]
+        first = (finite == 0) & (self._bad[0] == 0)
+        here = torch.cat([torch.full((1,), self.step + 1.0, dtype=torch.float64,
+                                     device=self.device), values.double()])
+        self._bad = torch.where(first, here, self._bad)
+        self._seen += 1
+
+    def collect(self) -> dict[str, float]:
+        """The means of the terms (and the learning rate) over the steps since the last
+        collect, over every worker when data-parallel: one host synchronisation.
+
+        Raises ``NonFiniteLossError`` naming the first non-finite step of any worker and the
+        terms that were not finite there (the worker's own values if that step was its own),
+        on every worker alike, so all stop at the same step.
+        """
+        if not self._seen:
+            raise RuntimeError("collect() before any train_step()")
+        packed = torch.cat([self._sums, torch.tensor([float(self._seen)], dtype=torch.float64,
+                                                     device=self.device)])
+        first = torch.where(self._bad[0] > 0, self._bad[0], torch.tensor(
+            float("inf"), dtype=torch.float64, device=self.device)).reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(packed)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        totals, first_step = packed.tolist(), first.item()
+        bad = self._bad.tolist()
+        names, lr_mean = self._names, self._lr_sum / self._seen
+        self._sums.zero_()
+        self._bad.zero_()
+        self._seen, self._lr_sum = 0, 0.0
+        if math.isfinite(first_step):
+            if bad[0] == first_step:
+                named = {n: v for n, v in zip(names, bad[1:]) if not math.isfinite(v)}
+                detail = ", ".join(f"{n}={v}" for n, v in named.items())
+            else:
+                detail = "on another worker"
+            raise NonFiniteLossError(f"non-finite loss at step {int(first_step)}: {detail}")
+        means = {n: v / totals[-1] for n, v in zip(names, totals[:-1])}
+        return {**means, "lr": lr_mean}
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -139,6 +216,7 @@ class Engine:
         self.ema.model.load_state_dict(ckpt.ema)
         if ckpt.optimizer is not None:
             self.optimizer.load_state_dict(ckpt.optimizer)
+            use_fused(self.optimizer)
         self.step = ckpt.step
 
 

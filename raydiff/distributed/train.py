@@ -266,27 +266,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
         batches = _stream_batches(ray.train.get_dataset_shard("train"),
                                   cfg.optim.batch_size // world, device, flips)
 
-    sums: dict[str, float] = {}
     seen, tick = 0, time.perf_counter()
     total, tc = cfg.optim.total_steps, cfg.train
     while engine.step < total:
         x0, y = next(batches)
-        try:
-            terms = engine.train_step(x0, y)
-        except NonFiniteLossError as err:  # every worker sees it at the same step
-            return runtime.stop_on_error(runlog, err)
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value
+        engine.train_step(x0, y)  # queued on the device; the host learns the terms below
         seen += 1
         step = engine.step
         is_ckpt = step % tc.ckpt_every == 0 or step == total
         if not (is_ckpt or step % tc.log_every == 0):
             continue
-        metrics = runtime.mean_over_workers(sums, seen, device)
+        try:  # the interval's means over every worker: the one host synchronisation
+            metrics = engine.collect()
+        except NonFiniteLossError as err:  # every worker raises it, at the same report
+            return runtime.stop_on_error(runlog, err)
         metrics.update(step=step, resumed_from=start_step,
                        images_per_s=seen * cfg.optim.batch_size / (time.perf_counter() - tick))
         _report(engine, metrics, is_ckpt, counts, runlog, quickeval)
-        sums, seen, tick = {}, 0, time.perf_counter()
+        seen, tick = 0, time.perf_counter()
     if runlog is not None:
         runlog.close()
     return {"error": None}

@@ -1,9 +1,19 @@
-"""Cost of a CCUA training step relative to a plain DDPM step, measured side by side.
+"""Cost of a CCUA training step relative to a plain DDPM step, and of host synchronisation
+and ``torch.compile``, measured side by side.
 
 Same preset, same batch, same device, in one process; the configurations are timed in
-round-robin order so that drift of the machine affects them alike. Prints the median step
-time of each and its ratio to DDPM. The unpadded case runs CCUA with its unconditional rows
-not padded to a multiple of ``losses.UNCOND_ROW_MULTIPLE`` (a new batch shape every step).
+round-robin order so that drift of the machine affects them alike. The first table gives the
+median step time of each method and its ratio to DDPM. The unpadded case runs CCUA with its
+unconditional rows not padded to a multiple of ``losses.UNCOND_ROW_MULTIPLE`` (a new batch
+shape every step).
+
+The second table times windows of ``--window`` consecutive steps (one device sync at the end of
+each window) for DDPM and CCUA three ways: reading every term and the gradient norm as a
+Python float after every step (what a training loop that logs each step does: a host
+synchronisation per value), leaving them on the device until ``Engine.collect`` at the end
+of the window (what raydiff does), and the same with ``train.compile=true`` (skipped with
+``--no-compile``; ``--warmup`` untimed windows of every configuration first, which hold the
+compiles).
 
     python benchmarks/train_step.py                      # cifar32, CPU: batch 8
     python benchmarks/train_step.py --preset tiny-vpred --batch-size 64   # the demo's step
@@ -47,6 +57,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--window", type=int, default=5, help="steps per timed window")
+    parser.add_argument("--windows", type=int, default=3, help="timed windows per configuration")
+    parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -81,6 +94,48 @@ def main() -> None:
     for case, ts in times.items():
         med = statistics.median(ts)
         print(f"{case:<18} {med:>14.4f} {args.batch_size / med:>10.1f} {med / base:>7.2f}x")
+    print()
+    sync_and_compile(args, device, common, x0, y)
+
+
+def sync_and_compile(args, device: torch.device, common: list[str], x0: torch.Tensor,
+                     y: torch.Tensor) -> None:
+    """Windows of steps: per-step host reads vs one collect per window, eager vs compiled."""
+    methods = {"ddpm": CASES["ddpm"], "ccua": CASES["ccua t_align=T/2"]}
+    variants = [("per-step sync", False, True), ("no per-step sync", False, False)]
+    if not args.no_compile:
+        variants.append(("compiled, no sync", True, False))
+    engines = {(m, label): (Engine(config_lib.resolve(
+        args.preset, overrides=common + extra + [f"train.compile={compiled}"]), device), per_step)
+        for m, extra in methods.items() for label, compiled, per_step in variants}
+
+    def window(engine: Engine, per_step: bool, steps: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = engine.train_step(x0, y)
+            if per_step:
+                {name: float(v) for name, v in out.items()}  # noqa: B018 - the reads timed
+        engine.collect()
+        _sync(device)
+        return (time.perf_counter() - start) / steps
+
+    # warm-up: compiles (CCUA's unconditional row counts vary, so its first windows recompile
+    # for a dynamic shape), allocator, caches
+    for _ in range(args.warmup):
+        for engine, per_step in engines.values():
+            window(engine, per_step, args.window)
+    times: dict[tuple, list[float]] = {key: [] for key in engines}
+    for _ in range(args.windows):
+        for key, (engine, per_step) in engines.items():
+            times[key].append(window(engine, per_step, args.window))
+    print(f"windows of {args.window} steps, {args.windows} windows per configuration (median)")
+    print(f"{'method':<6} {'configuration':<20} {'s/step':>8} {'images/s':>10} "
+          f"{'vs per-step sync':>17}")
+    for (method, label), ts in times.items():
+        med, base = statistics.median(ts), statistics.median(times[(method, "per-step sync")])
+        print(f"{method:<6} {label:<20} {med:>8.4f} {args.batch_size / med:>10.1f} "
+              f"{base / med:>16.2f}x")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,11 @@ def ucl_loss(z: torch.Tensor, weight: torch.Tensor, temperature: float = 0.1,
     # the same InfoNCE value, without the cancellation of logsumexp(...) - 1/tau in float32.
     # Non-negatives get the lowest finite logit, not -inf: a row with no negative then scores
     # softplus(-huge) = 0 with a finite gradient.
-    logits = ((z @ keys.T - 1.0) / temperature).masked_fill(~negative, torch.finfo(z.dtype).min)
+    # In float32 under bf16 autocast too: a bf16 s_ij near 1 keeps 8 bits, which (s - 1) / tau
+    # would magnify, and float32's lowest value does not fit in bf16.
+    with torch.autocast(z.device.type, enabled=False):
+        logits = ((z @ keys.T - 1.0) / temperature).masked_fill(~negative,
+                                                                 torch.finfo(z.dtype).min)
     per_sample = F.softplus(torch.logsumexp(logits, dim=1))
     return (torch.where(valid, weight.float(), 0.0) * per_sample).sum() / n
 

@@ -234,3 +234,22 @@ def test_compiled_training_equals_eager_within_1e_5(tmp_path):
     compiled.save(tmp_path / "ck")
     model, _ = load_for_sampling(tmp_path / "ck")
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ccua"])
+def test_bf16_steps_train_and_ucl_stays_float32(method):
+    """``train.bf16``: every method's step runs under bf16 autocast (CPU here, as on a GPU),
+    its terms finite; UCL's similarities are computed in float32 inside it, so its value
+    equals the float32 computation on the same features."""
+    engine = Engine(tiny("train.bf16=true", f"loss.method={method}"))
+    x, y = _fixed_batch()
+    for _ in range(3):
+        out = engine.train_step(x, y)
+    assert all(torch.isfinite(v) for v in out.values()) and engine.collect()["loss"] > 0
+    from raydiff.losses import ucl_loss
+
+    z = torch.randn(16, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    w = torch.rand(16, generator=torch.Generator().manual_seed(1)) + 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ucl_loss(z, w, 0.1, 8)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, ucl_loss(z, w, 0.1, 8))

@@ -66,7 +66,9 @@ class RunLog:
         self.metrics.write(json.dumps({"time": time.time(), **metrics}) + "\n")
         self.metrics.flush()
         for name, value in metrics.items():
-            if name != "step":
+            if name.startswith("eval/"):  # measured on the weights of an earlier step
+                self.tb.add_scalar(name, value, int(metrics["eval_step"]))
+            elif name not in ("step", "eval_step"):
                 self.tb.add_scalar(f"train/{name}", value, step)
         logger.info(self.progress_line(metrics, total_steps))
 
@@ -82,7 +84,11 @@ class RunLog:
                 f"ETA {eta_text}")
 
     def add_image(self, grid: np.ndarray, step: int) -> None:
-        Image.fromarray(grid).save(self.dir / f"samples_{step:09d}.png")
+        """A sample grid; called from rank 0's side-work thread, so the file appears whole
+        (written under a dot-name that ``sync`` skips, then renamed)."""
+        name = f"samples_{step:09d}.png"
+        Image.fromarray(grid).save(self.dir / f".{name}", format="PNG")
+        (self.dir / f".{name}").replace(self.dir / name)
         self.tb.add_image("samples", grid, step, dataformats="HWC")
 
     def error(self, message: str) -> None:
@@ -101,7 +107,8 @@ class RunLog:
     def _upload(self) -> None:
         for path in sorted(self.dir.iterdir()):
             stat = path.stat()
-            if path.is_file() and self.synced.get(path.name) != (stat.st_size, stat.st_mtime_ns):
+            if path.is_file() and not path.name.startswith(".") and \
+                    self.synced.get(path.name) != (stat.st_size, stat.st_mtime_ns):
                 self.remote.write_bytes(path.name, path.read_bytes())
                 self.synced[path.name] = (stat.st_size, stat.st_mtime_ns)
 
@@ -125,13 +132,11 @@ def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_class_grid(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: Config,
-                    class_order: Sequence[int], path: str | Path) -> np.ndarray:
+def class_grid(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: Config,
+               class_order: Sequence[int]) -> np.ndarray:
     """EMA samples, one row per class in ``class_order`` (head to tail), fixed seeds."""
     per_class = cfg.train.preview_per_class
     labels = [int(c) for c in class_order for _ in range(per_class)]
     seeds = list(range(len(labels)))  # the same noise at every checkpoint: progress is visible
     images = to_uint8(sample_images(model, diffusion, labels, seeds, cfg.sample))
-    grid = image_grid(images, per_class)
-    Image.fromarray(grid).save(path)
-    return grid
+    return image_grid(images, per_class)

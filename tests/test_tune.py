@@ -151,6 +151,8 @@ def test_search_stops_weak_trials_and_writes_a_usable_best_config(
     assert float(rows[0]["loss"]) < float(rows[1]["loss"])
     assert int(rows[0]["reports"]) == 4 and int(rows[1]["reports"]) < 4, \
         "ASHA did not stop the trial that cannot learn"
+    # evaluated off the report barrier, the last objective still comes with its own step
+    assert int(rows[0]["step"]) == 20
     assert {"fd_pixels_tail", "copy_rate_tail", "diversity_tail", "ddpm"} <= set(rows[0])
     assert json.loads((tmp_path / "asha" / "objective.json").read_text()) == {
         "objective": "pixels:loss"}

@@ -13,13 +13,15 @@ restarted from the latest checkpoint up to ``max_failures`` times.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import logging
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,12 +32,13 @@ from raydiff.checkpoint import describe_mismatch
 from raydiff.config import Config
 from raydiff.data import parquet
 from raydiff.data.resample import Resample, class_ranks, epoch_batches, repeat_rates, steps_per_epoch
+from raydiff.diffusion import GaussianDiffusion
 from raydiff.distributed import runtime
 from raydiff.distributed.runtime import Scaling, run_dir
 from raydiff.engine import Engine, NonFiniteLossError, step_seed
 from raydiff.errors import RaydiffError
 from raydiff.quickeval import EvalSpec, QuickEval
-from raydiff.runlog import RunLog, save_class_grid
+from raydiff.runlog import RunLog, class_grid
 from raydiff.storage import Folder
 
 logger = logging.getLogger(__name__)
@@ -207,26 +210,84 @@ def replica_divergence(model: torch.nn.Module, device) -> float:
     return high + neg_low
 
 
-def _save(engine: Engine, directory: str, counts: list[int], runlog: RunLog | None) -> None:
-    engine.save(directory)
-    if engine.cfg.train.preview_per_class > 0:
-        head_to_tail = list(np.argsort(class_ranks(counts)))
-        grid = save_class_grid(engine.ema.model, engine.diffusion, engine.cfg, head_to_tail,
-                               Path(directory) / "samples.png")
-        if runlog is not None:
-            runlog.add_image(grid, engine.step)
+class SideWork:
+    """Rank 0's work on the EMA weights of a report that the other ranks need not wait for:
+    the in-training evaluation (a search's objective) and the preview grid.
+
+    At a report, rank 0 copies the EMA weights into a second network (on a GPU the copy is
+    queued on the training stream, and the work waits for it on a CUDA stream of its own) and
+    hands it to a thread; then every rank reports and trains on, nobody waiting at the report
+    barrier while rank 0 samples. At most one piece of work is in flight: the next report
+    first takes its result (waiting only if it is still running) and reports the evaluation
+    under ``eval_step``, the step whose weights it measured. The last one is taken after the
+    loop and reported by every rank in one extra report (``final_report``). Previews go to the
+    run's ``logs/samples_<step>.png`` and TensorBoard.
+    """
+
+    def __init__(self, engine: Engine, counts: list[int], runlog: RunLog,
+                 quickeval: QuickEval | None):
+        self.engine, self.runlog, self.quickeval = engine, runlog, quickeval
+        self.head_to_tail = [int(c) for c in np.argsort(class_ranks(counts))]
+        self.snapshot = copy.deepcopy(engine.ema.model)
+        self.diffusion = GaussianDiffusion(engine.cfg.diffusion)
+        cuda = engine.device.type == "cuda"
+        self.stream = torch.cuda.Stream(engine.device) if cuda else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydiff-side")
+        self.pending: Future | None = None
+
+    def take(self) -> dict[str, float]:
+        """The evaluation of the work in flight (waiting for it), with its ``eval_step``."""
+        if self.pending is None:
+            return {}
+        done, self.pending = self.pending.result(), None
+        return done
+
+    def submit(self, step: int, preview: bool) -> None:
+        if self.quickeval is None and not preview:
+            return
+        self.take()
+        with torch.no_grad():
+            for mine, ema in zip(self.snapshot.parameters(), self.engine.ema.model.parameters()):
+                mine.copy_(ema, non_blocking=True)
+        ready = None
+        if self.stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+        self.pending = self.pool.submit(self._run, step, preview, ready)
+
+    def _run(self, step: int, preview: bool, ready) -> dict[str, float]:
+        with (torch.cuda.stream(self.stream) if self.stream is not None
+              else contextlib.nullcontext()):
+            if ready is not None:
+                self.stream.wait_event(ready)
+            out = {}
+            if self.quickeval is not None:
+                measured = self.quickeval(self.snapshot, self.engine.cfg)
+                out = {"eval_step": step, **{f"eval/{k}": v for k, v in measured.items()}}
+            if preview:
+                self.runlog.add_image(class_grid(self.snapshot, self.diffusion, self.engine.cfg,
+                                                 self.head_to_tail), step)
+            return out
+
+    def final_report(self) -> dict[str, float]:
+        """The last evaluation, for the extra report after the loop ({} without evaluation)."""
+        return self.take()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
-def _report(engine: Engine, metrics: dict, is_ckpt: bool, counts: list[int],
-            runlog: RunLog | None, quickeval: QuickEval | None) -> None:
-    """Every rank reports (a barrier); rank 0 alone evaluates and writes checkpoint and logs."""
-    if quickeval is not None:
-        metrics.update(quickeval(engine.ema.model, engine.cfg))
+def _report(engine: Engine, metrics: dict, is_ckpt: bool, runlog: RunLog | None,
+            side: SideWork | None) -> None:
+    """Every rank reports (a barrier); rank 0 alone writes checkpoint and logs, with the
+    evaluation its side work finished since the last report, and starts the next."""
+    if side is not None:
+        metrics.update(side.take())
+        side.submit(engine.step, preview=is_ckpt and engine.cfg.train.preview_per_class > 0)
     if is_ckpt:
         metrics["replica_divergence"] = replica_divergence(engine.model, engine.device)
     runtime.report(metrics, engine.step, engine.cfg.optim.total_steps, runlog,
-                   save=(lambda directory: _save(engine, directory, counts, runlog))
-                   if is_ckpt else None)
+                   save=engine.save if is_ckpt else None)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
@@ -252,10 +313,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
             engine.load(directory)
     start_step = engine.step
     runlog = runtime.worker_runlog(loop_config, cfg, start_step, rank)
-    quickeval = None
-    if loop_config.get("eval") and rank == 0:
-        reference = ray.get(loop_config["eval_reference"][0])
-        quickeval = QuickEval(EvalSpec(**loop_config["eval"]), reference, device)
+    side = None
+    if rank == 0:
+        quickeval = None
+        if loop_config.get("eval"):
+            reference = ray.get(loop_config["eval_reference"][0])
+            quickeval = QuickEval(EvalSpec(**loop_config["eval"]), reference, device)
+        side = SideWork(engine, counts, runlog, quickeval)
     flips = None
     if cfg.train.hflip:
         flips = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, rank, start_step))
@@ -279,11 +343,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
         try:  # the interval's means over every worker: the one host synchronisation
             metrics = engine.collect()
         except NonFiniteLossError as err:  # every worker raises it, at the same report
+            if side is not None:
+                side.close()
             return runtime.stop_on_error(runlog, err)
         metrics.update(step=step, resumed_from=start_step,
                        images_per_s=seen * cfg.optim.batch_size / (time.perf_counter() - tick))
-        _report(engine, metrics, is_ckpt, counts, runlog, quickeval)
+        _report(engine, metrics, is_ckpt, runlog, side)
         seen, tick = 0, time.perf_counter()
+    last = side.final_report() if side is not None else {}
+    if loop_config.get("eval"):  # every rank knows: one more report, the last evaluation's
+        runtime.report({**last, "step": engine.step}, engine.step, total, runlog)
+    if side is not None:
+        side.close()
     if runlog is not None:
         runlog.close()
     return {"error": None}

@@ -217,15 +217,53 @@ def record_objective(job: SearchJob, spec: EvalSpec, metric: str) -> None:
 
 # --- the trial driver -----------------------------------------------------------------------
 
+EVAL_PREFIX = "eval/"  # how rank 0 reports its evaluation of an earlier step (SideWork)
+
+
+def evaluation_reports():
+    """A Ray Train callback that hands Tune one report per evaluation, at the step evaluated.
+
+    Rank 0 evaluates the weights of step s off the report barrier and reports the result with
+    a later Train report, as ``eval_step`` = s and ``eval/<metric>`` keys
+    (``raydiff.distributed.train.SideWork``). This callback keeps the training metrics of each
+    report by step and, when the evaluation of s arrives, gives Tune the training metrics of
+    step s together with its evaluation, under ``step`` = s: each Tune report is about one
+    step, carries the objective, and ASHA's milestones count evaluations, as they did when
+    each report evaluated its own step inside the barrier."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvaluationReports(TuneReportCallback):
+        def __init__(self):
+            super().__init__()
+            self.by_step: dict[int, dict] = {}
+
+        def after_report(self, run_context, metrics, checkpoint):
+            report = metrics[0]
+            trained = {k: v for k, v in report.items()
+                       if not k.startswith(EVAL_PREFIX) and k != "eval_step"}
+            if len(trained) > 1:  # not the extra report after the loop: only a step
+                self.by_step[trained["step"]] = trained
+            if "eval_step" not in report:
+                return
+            step = report["eval_step"]
+            merged = {**self.by_step.get(step, {}), "step": step,
+                      **{k[len(EVAL_PREFIX):]: v for k, v in report.items()
+                         if k.startswith(EVAL_PREFIX)}}
+            self.by_step = {s: m for s, m in self.by_step.items() if s > step}
+            # the checkpoint of this report holds later weights than the ones evaluated
+            super().after_report(run_context, [merged], None)
+
+    return EvaluationReports()
+
+
 def trial_driver(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """One Tune trial: a TorchTrainer over the trial's config, named after the trial."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     job: TrainJob = setup["job"]
     cfg = config_lib.apply_overrides(job.cfg, params)
     trial = dataclasses.replace(job, cfg=cfg, name=tune.get_context().get_trial_id())
-    runtime.fit(build_trainer(trial, setup["info"], callbacks=[TuneReportCallback()]))
+    runtime.fit(build_trainer(trial, setup["info"], callbacks=[evaluation_reports()]))
 
 
 def _trial_job(job: SearchJob) -> TrainJob:

@@ -306,8 +306,10 @@ def _add_sample(sub) -> None:
     p.add_argument("--forward-batch", type=int, default=32,
                    help="images per network call; fixes the bytes, so part of the run")
     p.add_argument("--shard-size", type=int, default=1024,
-                   help="images per Parquet shard, the unit of resume")
-    add_actor_arguments(p, "images per actor batch (default: 4 x --forward-batch)")
+                   help="images per Parquet shard: the unit of resume and of an actor's work "
+                        "(each actor writes whole shards)")
+    add_actor_arguments(p, "images per actor call, rounded down to whole shards (default: "
+                           "one shard)")
     p.set_defaults(run="raydiff.cli:_run_sample")
 
 

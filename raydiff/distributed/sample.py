@@ -34,6 +34,10 @@ and thrown away. Whatever the number of actors or the Ray Data batch size, every
 computed in the same block at the same position: the same bytes. ``forward_batch`` is part of
 the run's identity; a shard is a whole number of blocks.
 
+``sample.compile`` (``--compile``) has each actor ``torch.compile`` its network. Compiled
+kernels round differently from eager ones, so a compiled run is another run (its identity
+says ``compile: true``) and cannot resume an eager one.
+
 Resume: a shard file exists only once complete (an actor killed mid-write leaves at most a
 hidden temporary file, removed by the next run), so a rerun of the same command samples just
 the missing shards. A folder that holds a different run is refused.
@@ -101,6 +105,7 @@ class SampleJob:
     forward_batch: int = 32  # images per network call (fixes the bytes; see module doc)
     shard_size: int = 1024  # images per Parquet shard: the unit of resume and of actor work
     seed: int = 0
+    compile: bool | None = None  # None: the checkpoint config's sample.compile
     # False: the actors return images and the driver writes the shards (the former design,
     # kept for benchmarks/sample_throughput.py; same bytes). Not on the command line.
     write_in_actors: bool = True
@@ -157,6 +162,10 @@ class SampleActor:
         self.model, _ = load_for_sampling(local_checkpoint(checkpoint), device=device,
                                           use_ema=True, sha256=ema_sha256)
         self.cfg = config_lib.from_dict(cfg)
+        if self.cfg.sample.compile:
+            # compiled on the first call; every call has the same shape (forward_batch rows,
+            # twice that with guidance), so it is compiled once
+            self.model.compile()
         self.diffusion = GaussianDiffusion(self.cfg.diffusion)
         self.forward_batch = forward_batch
 
@@ -253,14 +262,16 @@ def prepare_run(job: SampleJob) -> SampleRun:
     _, cfg, ema_sha256 = open_for_sampling(local)
     step = read_step(local)
     sample = dataclasses.replace(cfg.sample, **{k: v for k, v in (
-        ("sampler", job.sampler), ("steps", job.steps), ("guidance", job.guidance))
-        if v is not None})
+        ("sampler", job.sampler), ("steps", job.steps), ("guidance", job.guidance),
+        ("compile", job.compile)) if v is not None})
     cfg = dataclasses.replace(cfg, sample=sample)  # validates the sampler settings
     classes = _check_classes(job.classes, cfg.model.num_classes)
     plan = SamplePlan(classes, job.per_class, job.seed, job.shard_size)
+    sampler = dataclasses.asdict(sample)
+    compiled = sampler.pop("compile")
     identity = {
         "checkpoint_ema_sha256": ema_sha256,
-        "sampler": dataclasses.asdict(sample),
+        "sampler": sampler,
         "forward_batch": job.forward_batch,
         "seed": job.seed,
         "classes": list(classes),
@@ -269,6 +280,8 @@ def prepare_run(job: SampleJob) -> SampleRun:
         "resolution": cfg.model.resolution,
         "num_classes": cfg.model.num_classes,
     }
+    if compiled:  # only when on: an eager run's manifest is what it was before the option
+        identity["compile"] = True
     return SampleRun(job, plan, checkpoint, cfg, identity, step)
 
 
@@ -282,8 +295,13 @@ def _flat(identity: dict) -> dict:
     return flat
 
 
+# identity keys written only when they differ from these values
+IDENTITY_DEFAULTS = {"compile": False}
+
+
 def _identity_differences(found: dict, wanted: dict) -> list[str]:
-    found, wanted = _flat(found), _flat(wanted)
+    found = {**IDENTITY_DEFAULTS, **_flat(found)}
+    wanted = {**IDENTITY_DEFAULTS, **_flat(wanted)}
     return [f"{key}: {found.get(key)!r} there, {wanted[key]!r} requested"
             for key in wanted if found.get(key) != wanted[key]]
 

@@ -8,8 +8,9 @@
 It takes the arguments of ``raydiff sample`` and runs the same code. ``--checkpoint`` and
 ``--out`` must be URIs (``s3://``, ``gs://``) or absolute paths that every node shares: the
 job's working directory is a temporary copy on one node, and actors on any node load the
-checkpoint. The driver keeps no state of its own: a job submitted again with the same
-arguments, after a failure or a ``ray job stop``, samples only the shards that are missing.
+checkpoint and write their shards to ``--out``. The driver keeps no state of its own: a job
+submitted again with the same arguments, after a failure or a ``ray job stop``, samples only
+the shards that are missing.
 """
 
 from __future__ import annotations

@@ -300,14 +300,20 @@ def _add_sample(sub) -> None:
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance w in eps_c + w (eps_c - eps_u); 0 = none "
                         "(default: the checkpoint config's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network in each actor (default: the checkpoint "
+                        "config's sample.compile); compiled kernels round differently, so a "
+                        "compiled run is another run")
     p.add_argument("--format", choices=SAMPLE_FORMATS, default="parquet",
                    help="parquet shards (always written), plus an imagefolder tree or an ADM npz")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed * 2**32 + i")
     p.add_argument("--forward-batch", type=int, default=32,
                    help="images per network call; fixes the bytes, so part of the run")
     p.add_argument("--shard-size", type=int, default=1024,
-                   help="images per Parquet shard, the unit of resume")
-    add_actor_arguments(p, "images per actor batch (default: 4 x --forward-batch)")
+                   help="images per Parquet shard: the unit of resume and of an actor's work "
+                        "(each actor writes whole shards)")
+    add_actor_arguments(p, "images per actor call, rounded down to whole shards (default: "
+                           "one shard)")
     p.set_defaults(run="raydiff.cli:_run_sample")
 
 
@@ -317,9 +323,10 @@ def _run_sample(args: argparse.Namespace) -> int:
     job = SampleJob(
         checkpoint=args.checkpoint, out=args.out, per_class=args.per_class, classes=args.classes,
         sampler=args.sampler, steps=args.sample_steps, guidance=args.guidance,
-        format=args.format, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, batch_size=args.actor_batch,
-        forward_batch=args.forward_batch, shard_size=args.shard_size, seed=args.seed)
+        compile=args.compile, format=args.format, actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.actor_batch, forward_batch=args.forward_batch,
+        shard_size=args.shard_size, seed=args.seed)
     result = run_sampling(job)
     manifest = result.manifest
     if result.shards_sampled:

@@ -122,6 +122,11 @@ class SampleConfig:
     # DDIM's step from t = 0: "x0" returns the clean x0 prediction; "identity" keeps x_0 with
     # its sqrt(1 - alpha_bar_0) eps = 0.01 eps of noise, as the released sampler does.
     ddim_last_step: str = "x0"
+    # torch.compile the network in each `raydiff sample` actor (inductor; it compiles on the
+    # first call, tens of seconds, then every call reuses it: the batch shape never changes).
+    # Compiled kernels round differently from eager ones, so it is part of a sample run's
+    # identity; previews during training and `raydiff tune` always run eagerly.
+    compile: bool = False
 
 
 @dataclass(frozen=True)

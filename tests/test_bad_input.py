@@ -377,11 +377,10 @@ CASES = [
 @pytest.fixture(scope="module")
 def tiny_samples(tiny_checkpoint, tmp_path_factory) -> Path:
     """A complete sample folder of ``tiny_checkpoint`` (2 images a class), written by raydiff's
-    own sampling code in this process: the actor class and the shard writer, without Ray."""
+    own sampling code in this process: the actor class that writes the shards, without Ray."""
     from raydiff.distributed.sample import (
-        SampleActor,
         SampleJob,
-        ShardWriter,
+        ShardActor,
         _finish,
         claim_output,
         prepare_run,
@@ -391,11 +390,10 @@ def tiny_samples(tiny_checkpoint, tmp_path_factory) -> Path:
     run = prepare_run(SampleJob(checkpoint=str(tiny_checkpoint), out=str(out), per_class=2,
                                 forward_batch=4, shard_size=4))
     manifest = claim_output(run)
-    actor = SampleActor(run.checkpoint, run.cfg.to_dict(), 4, 1, False,
-                        run.identity["checkpoint_ema_sha256"])
-    ids = np.arange(run.plan.num_images)
-    writer = ShardWriter(out, run.plan, run.plan.num_shards)
-    writer.add(actor({"index": ids, "label": run.plan.labels(ids), "seed": run.plan.seeds(ids)}))
+    actor = ShardActor(str(out), run.plan, checkpoint=run.checkpoint, cfg=run.cfg.to_dict(),
+                       forward_batch=4, threads=1, use_gpu=False,
+                       ema_sha256=run.identity["checkpoint_ema_sha256"])
+    actor({"shard": np.arange(run.plan.num_shards)})
     _finish(run, manifest)
     return out
 

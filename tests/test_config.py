@@ -20,9 +20,10 @@ def test_presets_round_trip_through_json(name, tmp_path):
 def test_overrides_are_typed():
     cfg = config_lib.resolve("tiny", overrides=[
         "loss.t_align=250", "loss.ucl_weight=0.05", "train.hflip=false",
-        "model.ch_mult=1,2", "loss.method=cbdm"])
+        "model.ch_mult=1,2", "loss.method=cbdm", "sample.compile=true"])
     assert cfg.loss.t_align == 250 and isinstance(cfg.loss.t_align, int)
     assert cfg.loss.ucl_weight == 0.05 and cfg.train.hflip is False
+    assert cfg.sample.compile is True
     assert cfg.model.ch_mult == (1, 2) and cfg.loss.method == "cbdm"
     assert cfg.preset == "tiny"
 
@@ -63,6 +64,7 @@ def test_imagenet64_preset_is_the_released_tinyimagenet_script():
     ("noequals", "not of the form section.key=value"),
     ("loss.ucl_group_size=1", "loss.ucl_group_size=1 is invalid: expected >= 2"),
     ("sample.ddim_last_step=noisy", "expected x0 or identity"),
+    ("sample.compile=maybe", "config sample.compile='maybe' is invalid: expected true or false"),
 ])
 def test_bad_overrides_name_key_and_value(override, message):
     with pytest.raises(RaydiffError) as err:
@@ -81,6 +83,18 @@ def test_config_file_errors_name_file_and_line(tmp_path):
         config_lib.load_json(unknown)
     with pytest.raises(RaydiffError, match="does not exist"):
         config_lib.load_json(tmp_path / "none.json")
+
+
+def test_sample_compile_is_off_unless_asked_for_and_typed_in_json():
+    # checkpoints saved before the key existed have no sample.compile: they sample eagerly
+    data = config_lib.preset("tiny").to_dict()
+    del data["sample"]["compile"]
+    assert config_lib.from_dict(data).sample.compile is False
+    assert not any(config_lib.preset(name).sample.compile for name in config_lib.PRESETS)
+    data["sample"]["compile"] = "true"
+    with pytest.raises(RaydiffError, match="sample.compile='true' is invalid: expected true or "
+                                           "false, not a string"):
+        config_lib.from_dict(data)
 
 
 def test_cli_prints_resolved_config(capsys):

@@ -11,8 +11,10 @@ What an image is (``SamplePlan``): image ``i`` has label ``classes[i % len(class
 interleave, so counts per class are exact and any prefix of shards is balanced) and seed
 ``seed * 2**32 + i``, from which it draws all of its noise (``raydiff.samplers``).
 
-A shard file exists only once complete (``Folder`` writes whole), so the shards on storage
-with the expected row count are the finished part of a run. The Parquet shards are the record
+A shard file exists only once complete (``Folder`` writes whole: a hidden temporary name
+renamed, or an object that appears when its upload completes), so the shards on storage with
+the expected row count are the finished part of a run, whichever process wrote them (the
+sampling actors do, each shard whole). The Parquet shards are the record
 of the run; ``imagefolder`` and ``npz`` are exports made from them once every shard exists,
 and the manifest lists a format once its export is complete. OUT may be a path or a URI.
 Nothing here imports Ray.
@@ -127,15 +129,18 @@ def finished_shards(out: str | Path, plan: SamplePlan) -> set[int]:
 
 
 def write_shard(out: Folder, shard: int, columns: dict[str, np.ndarray], start: int,
-                stop: int) -> None:
-    """Shard ``shard`` from the columns of its rows (any order): indices ``start .. stop-1``."""
+                stop: int) -> int:
+    """Shard ``shard`` from the columns of its rows (any order): indices ``start .. stop-1``.
+    Written whole (``Folder.write_bytes``), by whichever process holds the rows; the bytes
+    depend only on the rows. Returns the file's size in bytes."""
     order = np.argsort(columns["index"], kind="stable")
     if not np.array_equal(columns["index"][order], np.arange(start, stop)):
         raise RuntimeError(f"shard {shard}: rows do not cover indices {start}..{stop - 1}")
     table = pa.table({name: pa.array(columns[name][order], SHARD_SCHEMA.field(name).type)
                       for name in COLUMNS}, schema=SHARD_SCHEMA)
-    out.write_bytes(shard_name(shard), to_buffer(
-        lambda f: pq.write_table(table, f, compression="NONE")))
+    data = to_buffer(lambda f: pq.write_table(table, f, compression="NONE"))
+    out.write_bytes(shard_name(shard), data)
+    return len(data)
 
 
 def shard_paths(out: str | Path) -> list[str]:

@@ -2,13 +2,24 @@
 
 The pipeline (``run_sampling``)::
 
-    ray.data.range(num_shards * shard_size)        image indices, one block per shard
-      .map_batches(assign_labels_and_seeds)        (label, seed) per index; drops the indices
-                                                   past the end and those of shards on disk
-      .repartition(target_num_rows_per_block=B)    work for every actor, even with few shards
-      .map_batches(SampleActor, ActorPoolStrategy(size=actors), num_gpus=...)
-                                                   EMA network loaded once per actor; PNG bytes
-      -> ShardWriter (driver)                      one Parquet file per shard, written atomically
+    ray.data.from_items(missing shards)            one row per shard not on storage yet
+      .map_batches(ShardActor, ActorPoolStrategy(size=actors), num_gpus=...)
+                                                   EMA network loaded once per actor; each call
+                                                   samples whole shards and writes each one to
+                                                   --out (a path every node sees, or a URI)
+      -> the driver                                a small row per shard written (shard, images,
+                                                   bytes): progress, nothing else
+
+Images never pass through the driver, so its network and disk do not bound how many actors
+can be kept busy. A shard is the unit of work: an actor call gets whole shards
+(``--actor-batch`` images, rounded down to whole shards, at least one), samples the shard's
+indices and writes the Parquet file whole (``raydiff.data.samples.write_shard``). A set with
+fewer shards than actors leaves actors idle; ``--shard-size`` sets the grain.
+
+``SampleJob(write_in_actors=False)`` (not on the command line) runs the former design, kept
+for ``benchmarks/sample_throughput.py`` to compare against: the actors return PNG rows
+(blocks of ``--actor-batch`` images) and ``ShardWriter`` on the driver assembles and writes
+each shard. Both write the same bytes.
 
 What an image is, and the output folder: ``raydiff.data.samples``.
 
@@ -21,9 +32,14 @@ the same image computed in a batch of 1 or of 32 differs by up to ~2e-5 (measure
 rows a block lacks (the set ends there, or Ray's batch boundary cut it) are padding, computed
 and thrown away. Whatever the number of actors or the Ray Data batch size, every image is
 computed in the same block at the same position: the same bytes. ``forward_batch`` is part of
-the run's identity; a batch size that is a multiple of it wastes nothing on padding.
+the run's identity; a shard is a whole number of blocks.
 
-Resume: a shard file exists only once complete, so a rerun of the same command samples just
+``sample.compile`` (``--compile``) has each actor ``torch.compile`` its network. Compiled
+kernels round differently from eager ones, so a compiled run is another run (its identity
+says ``compile: true``) and cannot resume an eager one.
+
+Resume: a shard file exists only once complete (an actor killed mid-write leaves at most a
+hidden temporary file, removed by the next run), so a rerun of the same command samples just
 the missing shards. A folder that holds a different run is refused.
 """
 
@@ -83,10 +99,16 @@ class SampleJob:
     actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    batch_size: int | None = None  # rows per Ray Data batch; None: 4 * forward_batch
+    # images per actor call: whole shards when the actors write them (None: one shard), else
+    # any number (None: 4 * forward_batch)
+    batch_size: int | None = None
     forward_batch: int = 32  # images per network call (fixes the bytes; see module doc)
-    shard_size: int = 1024  # images per Parquet shard: the unit of resume
+    shard_size: int = 1024  # images per Parquet shard: the unit of resume and of actor work
     seed: int = 0
+    compile: bool | None = None  # None: the checkpoint config's sample.compile
+    # False: the actors return images and the driver writes the shards (the former design,
+    # kept for benchmarks/sample_throughput.py; same bytes). Not on the command line.
+    write_in_actors: bool = True
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,14 @@ class SampleRun:
 
     @property
     def batch_size(self) -> int:
+        """Images per actor call when the driver writes the shards."""
         return self.job.batch_size or 4 * self.job.forward_batch
+
+    @property
+    def shards_per_call(self) -> int:
+        """Shards per actor call when the actors write them: ``--actor-batch`` images rounded
+        down to whole shards, at least one (the default)."""
+        return max(1, (self.job.batch_size or 0) // self.plan.shard_size)
 
 
 # --- Ray Data batch functions ----------------------------------------------------------------
@@ -119,7 +148,8 @@ def assign_labels_and_seeds(batch: dict, plan: SamplePlan, skip_shards: frozense
 
 
 class SampleActor:
-    """Ray Data actor: the EMA network of one checkpoint, loaded once, sampling batches."""
+    """Ray Data actor: the EMA network of one checkpoint, loaded once, sampling batches of
+    image rows (index, label, seed) into PNG rows for the driver to write."""
 
     def __init__(self, checkpoint: str, cfg: dict, forward_batch: int, threads: int,
                  use_gpu: bool, ema_sha256: str):
@@ -132,18 +162,48 @@ class SampleActor:
         self.model, _ = load_for_sampling(local_checkpoint(checkpoint), device=device,
                                           use_ema=True, sha256=ema_sha256)
         self.cfg = config_lib.from_dict(cfg)
+        if self.cfg.sample.compile:
+            # compiled on the first call; every call has the same shape (forward_batch rows,
+            # twice that with guidance), so it is compiled once
+            self.model.compile()
         self.diffusion = GaussianDiffusion(self.cfg.diffusion)
         self.forward_batch = forward_batch
 
-    def __call__(self, batch: dict) -> dict:
-        index = np.asarray(batch["index"], np.int64)
-        label, seed = np.asarray(batch["label"], np.int64), np.asarray(batch["seed"], np.int64)
+    def png(self, index: np.ndarray, label: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """PNG bytes (an object array) of the given images."""
         images = sample_aligned(self.model, self.diffusion, self.cfg.sample, index, label, seed,
                                 self.forward_batch)
         encoded = np.empty(len(index), dtype=object)
         encoded[:] = encode_png_batch(images)
+        return encoded
+
+    def __call__(self, batch: dict) -> dict:
+        index = np.asarray(batch["index"], np.int64)
+        label, seed = np.asarray(batch["label"], np.int64), np.asarray(batch["seed"], np.int64)
         return {"index": index.copy(), "label": label.copy(), "seed": seed.copy(),
-                "image": encoded}
+                "image": self.png(index, label, seed)}
+
+
+class ShardActor(SampleActor):
+    """Ray Data actor: samples whole shards and writes each to the output folder itself;
+    returns one small row per shard written (shard, images, bytes)."""
+
+    def __init__(self, out: str, plan: SamplePlan, **actor_kwargs):
+        super().__init__(**actor_kwargs)
+        self.out, self.plan = Folder(out), plan
+
+    def __call__(self, batch: dict) -> dict:
+        shards = np.asarray(batch["shard"], np.int64)
+        images, sizes = np.zeros(len(shards), np.int64), np.zeros(len(shards), np.int64)
+        for k, shard in enumerate(shards.tolist()):
+            start, stop = self.plan.shard_bounds(shard)
+            index = np.arange(start, stop, dtype=np.int64)
+            label, seed = self.plan.labels(index), self.plan.seeds(index)
+            columns = {"index": index, "label": label, "seed": seed,
+                       "image": self.png(index, label, seed)}
+            sizes[k] = write_shard(self.out, shard, columns, start, stop)
+            images[k] = stop - start
+        return {"shard": shards.copy(), "images": images, "bytes": sizes}
 
 
 # --- checking a request -----------------------------------------------------------------------
@@ -202,14 +262,16 @@ def prepare_run(job: SampleJob) -> SampleRun:
     _, cfg, ema_sha256 = open_for_sampling(local)
     step = read_step(local)
     sample = dataclasses.replace(cfg.sample, **{k: v for k, v in (
-        ("sampler", job.sampler), ("steps", job.steps), ("guidance", job.guidance))
-        if v is not None})
+        ("sampler", job.sampler), ("steps", job.steps), ("guidance", job.guidance),
+        ("compile", job.compile)) if v is not None})
     cfg = dataclasses.replace(cfg, sample=sample)  # validates the sampler settings
     classes = _check_classes(job.classes, cfg.model.num_classes)
     plan = SamplePlan(classes, job.per_class, job.seed, job.shard_size)
+    sampler = dataclasses.asdict(sample)
+    compiled = sampler.pop("compile")
     identity = {
         "checkpoint_ema_sha256": ema_sha256,
-        "sampler": dataclasses.asdict(sample),
+        "sampler": sampler,
         "forward_batch": job.forward_batch,
         "seed": job.seed,
         "classes": list(classes),
@@ -218,6 +280,8 @@ def prepare_run(job: SampleJob) -> SampleRun:
         "resolution": cfg.model.resolution,
         "num_classes": cfg.model.num_classes,
     }
+    if compiled:  # only when on: an eager run's manifest is what it was before the option
+        identity["compile"] = True
     return SampleRun(job, plan, checkpoint, cfg, identity, step)
 
 
@@ -231,8 +295,13 @@ def _flat(identity: dict) -> dict:
     return flat
 
 
+# identity keys written only when they differ from these values
+IDENTITY_DEFAULTS = {"compile": False}
+
+
 def _identity_differences(found: dict, wanted: dict) -> list[str]:
-    found, wanted = _flat(found), _flat(wanted)
+    found = {**IDENTITY_DEFAULTS, **_flat(found)}
+    wanted = {**IDENTITY_DEFAULTS, **_flat(wanted)}
     return [f"{key}: {found.get(key)!r} there, {wanted[key]!r} requested"
             for key in wanted if found.get(key) != wanted[key]]
 
@@ -276,15 +345,32 @@ def claim_output(run: SampleRun) -> dict:
     return manifest
 
 
+class Progress:
+    """The driver's account of the shards written: a log line each, with images/s and ETA."""
+
+    def __init__(self, todo: int):
+        self.todo, self.written, self.images, self.bytes = todo, 0, 0, 0
+        self.start = time.monotonic()
+
+    def shard_written(self, shard: int, images: int, nbytes: int) -> None:
+        self.written, self.images, self.bytes = (self.written + 1, self.images + images,
+                                                 self.bytes + nbytes)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.written * (self.todo - self.written)
+        logger.info("sample: shard %d written (%d/%d of this run), %.1f images/s, %.2f MB/s, "
+                    "ETA %s", shard, self.written, self.todo, self.images / elapsed,
+                    self.bytes / elapsed / 1e6, datetime.timedelta(seconds=round(eta)))
+
+
 class ShardWriter:
-    """Collects actor output by shard and writes each shard when all its rows are in."""
+    """Driver-side writes (``write_in_actors=False``): collects actor output by shard and
+    writes each shard when all its rows are in."""
 
     def __init__(self, out: str | Path, plan: SamplePlan, todo: int):
         self.out, self.plan = Folder(out), plan
         self.parts: dict[int, list[dict]] = {}
         self.rows: dict[int, int] = {}
-        self.written, self.images, self.todo = 0, 0, todo
-        self.start = time.monotonic()
+        self.progress = Progress(todo)
 
     def add(self, batch: dict) -> None:
         shards = np.asarray(batch["index"]) // self.plan.shard_size
@@ -300,14 +386,9 @@ class ShardWriter:
     def _write(self, shard: int, start: int, stop: int) -> None:
         parts = self.parts.pop(shard)
         columns = {name: np.concatenate([p[name] for p in parts]) for name in COLUMNS}
-        write_shard(self.out, shard, columns, start, stop)
+        nbytes = write_shard(self.out, shard, columns, start, stop)
         del self.rows[shard]
-        self.written, self.images = self.written + 1, self.images + stop - start
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / self.written * (self.todo - self.written)
-        logger.info("sample: shard %d written (%d/%d of this run), %.1f images/s, ETA %s",
-                    shard, self.written, self.todo, self.images / elapsed,
-                    datetime.timedelta(seconds=round(eta)))
+        self.progress.shard_written(shard, stop - start, nbytes)
 
 
 def _finish(run: SampleRun, manifest: dict) -> dict:
@@ -337,11 +418,43 @@ class SampleResult:
         return sampled / self.seconds if self.seconds > 0 else float("nan")
 
 
-def build_pipeline(run: SampleRun, skip: frozenset):
-    """The Ray Data dataset of the missing shards' images (lazy: nothing runs yet)."""
+def _actor_kwargs(run: SampleRun) -> dict:
+    job = run.job
+    return {"checkpoint": run.checkpoint, "cfg": run.cfg.to_dict(),
+            "forward_batch": job.forward_batch, "threads": max(1, int(job.cpus_per_actor)),
+            "use_gpu": job.gpus_per_actor > 0,
+            "ema_sha256": run.identity["checkpoint_ema_sha256"]}
+
+
+def _actor_pool(job: SampleJob) -> dict:
     import ray
 
-    plan, job = run.plan, run.job
+    return {"compute": ray.data.ActorPoolStrategy(size=job.actors), "batch_format": "numpy",
+            "num_cpus": job.cpus_per_actor, "num_gpus": job.gpus_per_actor or None}
+
+
+def build_pipeline(run: SampleRun, todo: list[int]):
+    """The Ray Data dataset that samples and writes the shards ``todo`` (lazy: nothing runs
+    until it is iterated); one row per shard written."""
+    import ray
+
+    # one block per shard, so that the pool hands out shards one call (or a few) at a time
+    ds = ray.data.from_items([{"shard": shard} for shard in todo],
+                             override_num_blocks=len(todo))
+    # the actors need the absolute output path: their working directory is not the driver's
+    out = Folder(run.job.out).uri("")
+    ds = ds.map_batches(ShardActor, fn_constructor_kwargs={"out": out, "plan": run.plan,
+                                                           **_actor_kwargs(run)},
+                        batch_size=run.shards_per_call, **_actor_pool(run.job))
+    return runtime.quiet(ds)
+
+
+def build_image_pipeline(run: SampleRun, skip: frozenset):
+    """Driver-side writes (``write_in_actors=False``): the dataset of the missing shards'
+    images as PNG rows, for ``ShardWriter`` (lazy: nothing runs yet)."""
+    import ray
+
+    plan = run.plan
     ds = ray.data.range(plan.num_shards * plan.shard_size, override_num_blocks=plan.num_shards)
     ds = ds.map_batches(assign_labels_and_seeds, fn_kwargs={"plan": plan, "skip_shards": skip},
                         batch_format="numpy", batch_size=None)
@@ -349,17 +462,29 @@ def build_pipeline(run: SampleRun, skip: frozenset):
     # than actors; the pieces start at multiples of the batch size within a shard, so they
     # stay aligned with the forward blocks when the batch size is a multiple of them.
     ds = ds.repartition(target_num_rows_per_block=run.batch_size)
-    ds = ds.map_batches(
-        SampleActor,
-        fn_constructor_kwargs={"checkpoint": run.checkpoint,
-                               "cfg": run.cfg.to_dict(), "forward_batch": job.forward_batch,
-                               "threads": max(1, int(job.cpus_per_actor)),
-                               "use_gpu": job.gpus_per_actor > 0,
-                               "ema_sha256": run.identity["checkpoint_ema_sha256"]},
-        compute=ray.data.ActorPoolStrategy(size=job.actors),
-        batch_size=run.batch_size, batch_format="numpy",
-        num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
+    ds = ds.map_batches(SampleActor, fn_constructor_kwargs=_actor_kwargs(run),
+                        batch_size=run.batch_size, **_actor_pool(run.job))
     return runtime.quiet(ds)
+
+
+def _sample_shards(run: SampleRun, done: set[int]) -> None:
+    """Run the pipeline over the shards not in ``done``."""
+    todo = sorted(set(range(run.plan.num_shards)) - done)
+    if run.job.write_in_actors:
+        if len(todo) < run.job.actors:
+            logger.info("sample: %d shards to sample and %d actors: %d of them stay idle (a "
+                        "smaller --shard-size spreads a set over more actors)", len(todo),
+                        run.job.actors, run.job.actors - len(todo))
+        progress = Progress(len(todo))
+        for batch in build_pipeline(run, todo).iter_batches(batch_size=None,
+                                                            batch_format="numpy"):
+            for shard, images, nbytes in zip(batch["shard"], batch["images"], batch["bytes"]):
+                progress.shard_written(int(shard), int(images), int(nbytes))
+        return
+    writer = ShardWriter(run.job.out, run.plan, len(todo))
+    for batch in build_image_pipeline(run, frozenset(done)).iter_batches(batch_size=None,
+                                                                         batch_format="numpy"):
+        writer.add(batch)
 
 
 def run_sampling(job: SampleJob) -> SampleResult:
@@ -373,10 +498,7 @@ def run_sampling(job: SampleJob) -> SampleResult:
         logger.info("sample: %d of %d shards to sample (%d on disk) into %s", todo,
                     run.plan.num_shards, len(done), job.out)
         runtime.init_ray(job.actors * job.cpus_per_actor)
-        writer = ShardWriter(job.out, run.plan, todo)
-        for batch in build_pipeline(run, frozenset(done)).iter_batches(batch_size=None,
-                                                                       batch_format="numpy"):
-            writer.add(batch)
+        _sample_shards(run, done)
         missing = set(range(run.plan.num_shards)) - finished_shards(job.out, run.plan)
         if missing:
             raise RaydiffError(f"sampling ended with {len(missing)} shards missing "

@@ -152,6 +152,17 @@ def fid_from_rows(gen: np.ndarray, ref: np.ndarray) -> float:
                     (x_2 * x_2).sum() / scale_2, singular.sum() / np.sqrt(scale_1 * scale_2))
 
 
+def fid_of(gen: FeatureStats, ref: FeatureStats, gen_rows: np.ndarray | None = None,
+           ref_rows: np.ndarray | None = None) -> float:
+    """FID of two sets from their statistics, or from their rows (the same number, cheaper)
+    when the rows given are all of both sets and no more than the feature dimension."""
+    whole = (gen_rows is not None and ref_rows is not None and len(gen_rows) == gen.count
+             and len(ref_rows) == ref.count)
+    if whole and max(gen.count, ref.count) <= gen.dim:
+        return fid_from_rows(gen_rows, ref_rows)
+    return fid(gen, ref)
+
+
 def kid(gen: np.ndarray, ref: np.ndarray, subsets: int = KID_SUBSETS,
         subset_size: int = KID_SUBSET_SIZE, seed: int = RNG_SEED) -> dict[str, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): cubic polynomial-kernel MMD^2 averaged
@@ -208,19 +219,16 @@ def precision_recall(gen: np.ndarray, ref: np.ndarray, k: int = PRC_NEIGHBORHOOD
 
 def set_metrics(metrics: Sequence[str], gen_stats: FeatureStats, ref_stats: FeatureStats,
                 gen_rows: np.ndarray, ref_rows: np.ndarray,
-                gen_logits: np.ndarray | None) -> dict[str, float]:
-    """The requested metrics for one generated set against one reference set."""
+                max_images: int = PRC_MAX_IMAGES) -> dict[str, float]:
+    """FID (from the statistics of every image), KID and P/R (from the rows given, which may
+    be a subset) of one generated set against one reference set."""
     out: dict[str, float] = {"num_generated": gen_stats.count, "num_reference": ref_stats.count}
     if "fid" in metrics:
-        # Both ways give the same number; the rows are the cheaper way for small sets.
-        small = max(gen_stats.count, ref_stats.count) <= gen_stats.dim
-        out["fid"] = fid_from_rows(gen_rows, ref_rows) if small else fid(gen_stats, ref_stats)
+        out["fid"] = fid_of(gen_stats, ref_stats, gen_rows, ref_rows)
     if "kid" in metrics:
         out.update(kid(gen_rows, ref_rows))
-    if "isc" in metrics and gen_logits is not None:
-        out.update(inception_score(gen_logits))
     if "prc" in metrics:
-        out.update(precision_recall(gen_rows, ref_rows))
+        out.update(precision_recall(gen_rows, ref_rows, max_images=max_images))
     return out
 
 
@@ -292,6 +300,18 @@ def class_diversity(gen: np.ndarray, gen_labels: np.ndarray, ref: np.ndarray,
             / mean_pairwise_distance(ref[ref_labels == c]) for c in classes}
 
 
+def copy_rate(ratios: np.ndarray) -> float:
+    """The share of copies (ratio below ``COPY_RATIO``) among the rows with a ratio."""
+    defined = np.asarray(ratios)[~np.isnan(ratios)]
+    return float((defined < COPY_RATIO).mean()) if len(defined) else float("nan")
+
+
+def mean_diversity(values: Sequence[float]) -> float:
+    """The mean of the classes' diversities that have a value."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def copy_and_diversity(gen: np.ndarray, gen_labels: np.ndarray, train: np.ndarray,
                        train_labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray,
                        classes: Sequence[int]) -> dict[str, float]:
@@ -300,8 +320,5 @@ def copy_and_diversity(gen: np.ndarray, gen_labels: np.ndarray, train: np.ndarra
     a value) of one set of classes."""
     keep = np.isin(gen_labels, list(classes))
     ratios = copy_ratios(gen[keep], gen_labels[keep], train, train_labels, ref, ref_labels)
-    defined = ratios[~np.isnan(ratios)]
-    diversity = [v for v in class_diversity(gen, gen_labels, ref, ref_labels, classes).values()
-                 if np.isfinite(v)]
-    return {"copy_rate": float((defined < COPY_RATIO).mean()) if len(defined) else float("nan"),
-            "diversity": float(np.mean(diversity)) if diversity else float("nan")}
+    diversity = class_diversity(gen, gen_labels, ref, ref_labels, classes).values()
+    return {"copy_rate": copy_rate(ratios), "diversity": mean_diversity(list(diversity))}

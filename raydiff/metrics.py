@@ -8,7 +8,10 @@ number computed here from the same features is the number ``torch_fidelity.calcu
 reports; FID is the exception, computed here in a faster but equivalent way (``fid``), and
 checked against torch-fidelity's ``fid_statistics_to_metric`` in the tests. FID is finished
 from sufficient statistics (sum and sum of outer products, float64) that are accumulated batch
-by batch and merge across workers, so a million images never need one covariance pass.
+by batch and merge across workers, so a million images never need one covariance pass. KID
+and P/R take whatever rows they are given: ``raydiff evaluate`` gives them a seeded subset
+(``raydiff.accumulate``), and streams the Inception Score and the copy rate's distances
+there too.
 
 Class groups follow the long-tail literature (docs/METHOD.md, "Evaluation"): classes
 ranked by training count and cut into thirds, head / body / tail. Long-tailed recognition also
@@ -40,8 +43,9 @@ KID_SUBSET_SIZE = 1000
 ISC_SPLITS = 10
 PRC_NEIGHBORHOOD = 3  # k of the k-NN radius (Kynkaanniemi et al. 2019)
 RNG_SEED = 2020
-# Improved P/R is quadratic in the number of images; above this many per side a seeded
-# random subset is used (the ADM evaluator uses 10k-50k).
+# Improved P/R is quadratic in the number of images; above this many per side
+# ``precision_recall`` draws a seeded random subset (the ADM evaluator uses 10k-50k).
+# ``raydiff evaluate`` hands it its own subset (``--metric-subset``) instead.
 PRC_MAX_IMAGES = 10_000
 _PRC_BATCH = 10_000
 

@@ -122,26 +122,34 @@ def test_second_evaluation_reads_the_reference_features_from_the_cache(first_eva
     assert set(again["sets"]["overall"]) == {"num_generated", "num_reference", "fid", "classes"}
 
 
-def test_copy_rate_and_diversity_equal_an_in_process_computation(
-        first_evaluation, samples, shapes16_tiny, inception_weights):
-    """The training split's features (the copy rate's other side) come through the same
-    actors and cache as the reference's; the numbers equal the metric on features extracted
-    here, in one process."""
+@pytest.fixture(scope="module")
+def in_process(samples, shapes16_tiny, inception_weights) -> dict:
+    """The features of the generated, reference (the first REF_PER_CLASS per class) and
+    training images, extracted here in one process, with their labels."""
     from raydiff.features import InceptionFeatures
-    from raydiff.metrics import copy_and_diversity
 
-    _, result = first_evaluation
     extract = InceptionFeatures(inception_weights)
     gen_images, gen_labels, _ = read_samples(samples)
     ref_images, ref_labels = read_split_arrays(shapes16_tiny, "reference")
     keep = first_per_class(np.arange(len(ref_labels)), ref_labels, REF_PER_CLASS)
     train_images, train_labels = read_split_arrays(shapes16_tiny, "train")
-    gen, ref, train = (extract(images)[0] for images in
-                       (gen_images, ref_images[keep], train_images))
+    return {"gen": extract(gen_images)[0], "gen_labels": gen_labels,
+            "ref": extract(ref_images[keep])[0], "ref_labels": ref_labels[keep],
+            "train": extract(train_images)[0], "train_labels": train_labels}
+
+
+def test_copy_rate_and_diversity_equal_an_in_process_computation(first_evaluation, in_process):
+    """The training split's features (the copy rate's other side) come through the same
+    actors and cache as the reference's; the numbers equal the metric on features extracted
+    here, in one process."""
+    from raydiff.metrics import copy_and_diversity
+
+    _, result = first_evaluation
+    f = in_process
     assert result["settings"]["copy_ratio"] == pytest.approx(1 / 3)
     for name, values in result["sets"].items():
-        expected = copy_and_diversity(gen, gen_labels, train, train_labels, ref,
-                                      ref_labels[keep], values["classes"])
+        expected = copy_and_diversity(f["gen"], f["gen_labels"], f["train"], f["train_labels"],
+                                      f["ref"], f["ref_labels"], values["classes"])
         assert 0.0 <= values["copy_rate"] <= 1.0
         assert values["copy_rate"] == pytest.approx(expected["copy_rate"]), name
         assert values["diversity"] == pytest.approx(expected["diversity"], rel=1e-4), name
@@ -155,45 +163,39 @@ def chosen(keys: np.ndarray, seed: int, size: int) -> np.ndarray:
 
 
 def test_a_smaller_metric_subset_keeps_fid_and_draws_kid_and_pr_from_the_seeded_rows(
-        first_evaluation, samples, shapes16_tiny, inception_weights, tmp_path):
+        first_evaluation, in_process, tmp_path):
     """--metric-subset 5 (of 12 generated, 16 reference images): FID and IS are the whole
-    sets', KID, P/R and the copy rate those of the 5 images of each set and side whose keys
-    have the smallest seeded priority, on 1 actor as on 2 (the reference's features come
-    from the cache the first evaluation filled)."""
+    set's, KID, P/R and the copy rate those of the 5 images of each side whose keys have the
+    smallest seeded priority, on 1 actor as on 2. The overall set only: its subset is chosen
+    from three (third, shot group) cells; every group's is checked without Ray in
+    test_accumulate.py. The reference's features come from the cache the first evaluation
+    filled."""
     from raydiff.distributed.evaluate import GENERATED_SEED, REFERENCE_SEED
-    from raydiff.features import InceptionFeatures
     from raydiff.metrics import copy_rate, copy_ratios, kid, precision_recall
 
     job, full = first_evaluation
-    extract = InceptionFeatures(inception_weights)
-    gen_images, gen_labels, _ = read_samples(samples)
-    ref_images, ref_labels = read_split_arrays(shapes16_tiny, "reference")
-    keep = first_per_class(np.arange(len(ref_labels)), ref_labels, REF_PER_CLASS)
-    train_images, train_labels = read_split_arrays(shapes16_tiny, "train")
-    gen, ref, train = (extract(images)[0] for images in
-                       (gen_images, ref_images[keep], train_images))
-    ref_labels = ref_labels[keep]
-    runs = [run_evaluation(replace(job, metric_subset=5, actors=actors, per_class=False,
-                                   out=str(tmp_path / f"actors-{actors}"))) for actors in (1, 2)]
-    for result in runs:
+    f = in_process
+    whole = full["sets"]["overall"]
+    g = chosen(np.arange(len(f["gen_labels"])), GENERATED_SEED, 5)
+    r = chosen(np.arange(len(f["ref_labels"])), REFERENCE_SEED, 5)
+    expected = {**kid(f["gen"][g], f["ref"][r]), **precision_recall(f["gen"][g], f["ref"][r])}
+    ratios = copy_ratios(f["gen"][g], f["gen_labels"][g], f["train"], f["train_labels"],
+                         f["ref"], f["ref_labels"])
+    for actors in (1, 2):
+        result = run_evaluation(replace(job, metric_subset=5, actors=actors, groups=False,
+                                        per_class=False, out=str(tmp_path / f"{actors}")))
         assert result["settings"]["metric_subset"] == 5
         assert result["extracted"] == {"generated": 12}
-        for name, values in result["sets"].items():
-            whole = full["sets"][name]
-            assert values["fid"] == pytest.approx(whole["fid"], rel=1e-6), name
-            assert values["isc_mean"] == pytest.approx(whole["isc_mean"], rel=1e-6), name
-            g = chosen(np.flatnonzero(np.isin(gen_labels, values["classes"])), GENERATED_SEED, 5)
-            r = chosen(np.flatnonzero(np.isin(ref_labels, values["classes"])), REFERENCE_SEED, 5)
-            assert (values["subset_generated"], values["subset_reference"]) == (len(g), len(r))
-            assert values["kid_mean"] == pytest.approx(kid(gen[g], ref[r])["kid_mean"],
-                                                       rel=1e-4, abs=1e-9), name
-            expected = precision_recall(gen[g], ref[r])
-            for key in ("precision", "recall"):
-                assert values[key] == pytest.approx(expected[key], nan_ok=True), (name, key)
-            ratios = copy_ratios(gen[g], gen_labels[g], train, train_labels, ref, ref_labels)
-            assert values["copy_rate"] == pytest.approx(copy_rate(ratios)), name
-    assert runs[0]["sets"]["overall"]["subset_generated"] == 5  # a subset, not the set
-    assert runs[0]["sets"]["overall"]["kid_mean"] != full["sets"]["overall"]["kid_mean"]
+        overall = result["sets"]["overall"]
+        assert (overall["num_generated"], overall["num_reference"]) == (12, 16)
+        assert (overall["subset_generated"], overall["subset_reference"]) == (5, 5)
+        assert overall["fid"] == pytest.approx(whole["fid"], rel=1e-6)
+        assert overall["isc_mean"] == pytest.approx(whole["isc_mean"], rel=1e-6)
+        assert overall["kid_mean"] == pytest.approx(expected["kid_mean"], rel=1e-4, abs=1e-9)
+        assert overall["kid_mean"] != pytest.approx(whole["kid_mean"], rel=1e-3)
+        assert overall["precision"] == pytest.approx(expected["precision"])
+        assert overall["recall"] == pytest.approx(expected["recall"])
+        assert overall["copy_rate"] == pytest.approx(copy_rate(ratios))
 
 
 def test_cache_rows_written_as_they_arrive_are_read_back_in_chunks(tmp_path):

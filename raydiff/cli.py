@@ -25,6 +25,7 @@ from raydiff.errors import RaydiffError
 SOURCES = ("shapes", "cifar10", "cifar100", "imagenet-lt", "places-lt", "imagefolder")
 SAMPLE_FORMATS = ("parquet", "imagefolder", "npz")  # raydiff.data.samples.FORMATS
 EVAL_METRICS = ("fid", "kid", "isc", "prc")  # raydiff.metrics.METRICS
+METRIC_SUBSET = 10_000  # raydiff.accumulate.METRIC_SUBSET
 MIX_RULES = ("none", "add:N", "topup")  # raydiff.data.mixing.RULES
 DEFAULT_ROWS_PER_SHARD = 4096  # raydiff.data.parquet.DEFAULT_ROWS_PER_SHARD
 # --preset when --data is given without one: the preset made for the dataset's image side
@@ -357,6 +358,10 @@ def _add_evaluate(sub) -> None:
                         "group (empty groups are left out)")
     alias(p.add_argument, "--per-class-fid", old=("--per-class",), dest="per_class_fid",
                    action="store_true", help="also FID per class, and its mean")
+    p.add_argument("--metric-subset", type=int, default=METRIC_SUBSET, metavar="N",
+                   help="images per set and side for KID, precision/recall, copy rate and "
+                        "diversity: a seeded subset, the same on any number of actors (FID, IS "
+                        f"and the classifier's top-1 use every image; default: {METRIC_SUBSET:,})")
     p.add_argument("--no-copy-metrics", action="store_true",
                    help="skip the copy rate and diversity of each set (they need the features "
                         "of the dataset's training split, cached like the reference's)")
@@ -386,8 +391,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         inception_weights=args.inception_weights,
         download=not args.no_download, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.actor_batch or EvalJob.batch_size,
-        reference_per_class=args.reference_per_class, cache_dir=args.cache_dir, out=args.out,
-        copying=not args.no_copy_metrics)
+        reference_per_class=args.reference_per_class, metric_subset=args.metric_subset,
+        cache_dir=args.cache_dir, out=args.out, copying=not args.no_copy_metrics)
     result = run_evaluation(job)
     print(metrics_table(result))
     if "per_class_fid_mean" in result:
@@ -509,6 +514,10 @@ def _add_demo(sub) -> None:
                                              "1500)")
     p.add_argument("--per-class", type=int, default=20, help="generated images per class")
     p.add_argument("--actors", type=int, default=2, help="sampling and feature actors")
+    p.add_argument("--metric-subset", type=int, default=METRIC_SUBSET, metavar="N",
+                   help="images per set and side for KID, precision/recall, copy rate and "
+                        "diversity: a seeded subset, the same on any number of actors (FID, IS "
+                        f"and the classifier's top-1 use every image; default: {METRIC_SUBSET:,})")
     p.add_argument("--no-copy-metrics", action="store_true",
                    help="skip the copy rate and diversity (they need the features of the "
                         "2040 training images too)")

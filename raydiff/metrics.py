@@ -8,7 +8,10 @@ number computed here from the same features is the number ``torch_fidelity.calcu
 reports; FID is the exception, computed here in a faster but equivalent way (``fid``), and
 checked against torch-fidelity's ``fid_statistics_to_metric`` in the tests. FID is finished
 from sufficient statistics (sum and sum of outer products, float64) that are accumulated batch
-by batch and merge across workers, so a million images never need one covariance pass.
+by batch and merge across workers, so a million images never need one covariance pass. KID
+and P/R take whatever rows they are given: ``raydiff evaluate`` gives them a seeded subset
+(``raydiff.accumulate``), and streams the Inception Score and the copy rate's distances
+there too.
 
 Class groups follow the long-tail literature (docs/METHOD.md, "Evaluation"): classes
 ranked by training count and cut into thirds, head / body / tail. Long-tailed recognition also
@@ -40,8 +43,9 @@ KID_SUBSET_SIZE = 1000
 ISC_SPLITS = 10
 PRC_NEIGHBORHOOD = 3  # k of the k-NN radius (Kynkaanniemi et al. 2019)
 RNG_SEED = 2020
-# Improved P/R is quadratic in the number of images; above this many per side a seeded
-# random subset is used (the ADM evaluator uses 10k-50k).
+# Improved P/R is quadratic in the number of images; above this many per side
+# ``precision_recall`` draws a seeded random subset (the ADM evaluator uses 10k-50k).
+# ``raydiff evaluate`` hands it its own subset (``--metric-subset``) instead.
 PRC_MAX_IMAGES = 10_000
 _PRC_BATCH = 10_000
 
@@ -152,6 +156,17 @@ def fid_from_rows(gen: np.ndarray, ref: np.ndarray) -> float:
                     (x_2 * x_2).sum() / scale_2, singular.sum() / np.sqrt(scale_1 * scale_2))
 
 
+def fid_of(gen: FeatureStats, ref: FeatureStats, gen_rows: np.ndarray | None = None,
+           ref_rows: np.ndarray | None = None) -> float:
+    """FID of two sets from their statistics, or from their rows (the same number, cheaper)
+    when the rows given are all of both sets and no more than the feature dimension."""
+    whole = (gen_rows is not None and ref_rows is not None and len(gen_rows) == gen.count
+             and len(ref_rows) == ref.count)
+    if whole and max(gen.count, ref.count) <= gen.dim:
+        return fid_from_rows(gen_rows, ref_rows)
+    return fid(gen, ref)
+
+
 def kid(gen: np.ndarray, ref: np.ndarray, subsets: int = KID_SUBSETS,
         subset_size: int = KID_SUBSET_SIZE, seed: int = RNG_SEED) -> dict[str, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): cubic polynomial-kernel MMD^2 averaged
@@ -208,19 +223,16 @@ def precision_recall(gen: np.ndarray, ref: np.ndarray, k: int = PRC_NEIGHBORHOOD
 
 def set_metrics(metrics: Sequence[str], gen_stats: FeatureStats, ref_stats: FeatureStats,
                 gen_rows: np.ndarray, ref_rows: np.ndarray,
-                gen_logits: np.ndarray | None) -> dict[str, float]:
-    """The requested metrics for one generated set against one reference set."""
+                max_images: int = PRC_MAX_IMAGES) -> dict[str, float]:
+    """FID (from the statistics of every image), KID and P/R (from the rows given, which may
+    be a subset) of one generated set against one reference set."""
     out: dict[str, float] = {"num_generated": gen_stats.count, "num_reference": ref_stats.count}
     if "fid" in metrics:
-        # Both ways give the same number; the rows are the cheaper way for small sets.
-        small = max(gen_stats.count, ref_stats.count) <= gen_stats.dim
-        out["fid"] = fid_from_rows(gen_rows, ref_rows) if small else fid(gen_stats, ref_stats)
+        out["fid"] = fid_of(gen_stats, ref_stats, gen_rows, ref_rows)
     if "kid" in metrics:
         out.update(kid(gen_rows, ref_rows))
-    if "isc" in metrics and gen_logits is not None:
-        out.update(inception_score(gen_logits))
     if "prc" in metrics:
-        out.update(precision_recall(gen_rows, ref_rows))
+        out.update(precision_recall(gen_rows, ref_rows, max_images=max_images))
     return out
 
 
@@ -292,6 +304,18 @@ def class_diversity(gen: np.ndarray, gen_labels: np.ndarray, ref: np.ndarray,
             / mean_pairwise_distance(ref[ref_labels == c]) for c in classes}
 
 
+def copy_rate(ratios: np.ndarray) -> float:
+    """The share of copies (ratio below ``COPY_RATIO``) among the rows with a ratio."""
+    defined = np.asarray(ratios)[~np.isnan(ratios)]
+    return float((defined < COPY_RATIO).mean()) if len(defined) else float("nan")
+
+
+def mean_diversity(values: Sequence[float]) -> float:
+    """The mean of the classes' diversities that have a value."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def copy_and_diversity(gen: np.ndarray, gen_labels: np.ndarray, train: np.ndarray,
                        train_labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray,
                        classes: Sequence[int]) -> dict[str, float]:
@@ -300,8 +324,5 @@ def copy_and_diversity(gen: np.ndarray, gen_labels: np.ndarray, train: np.ndarra
     a value) of one set of classes."""
     keep = np.isin(gen_labels, list(classes))
     ratios = copy_ratios(gen[keep], gen_labels[keep], train, train_labels, ref, ref_labels)
-    defined = ratios[~np.isnan(ratios)]
-    diversity = [v for v in class_diversity(gen, gen_labels, ref, ref_labels, classes).values()
-                 if np.isfinite(v)]
-    return {"copy_rate": float((defined < COPY_RATIO).mean()) if len(defined) else float("nan"),
-            "diversity": float(np.mean(diversity)) if diversity else float("nan")}
+    diversity = class_diversity(gen, gen_labels, ref, ref_labels, classes).values()
+    return {"copy_rate": copy_rate(ratios), "diversity": mean_diversity(list(diversity))}

@@ -32,6 +32,7 @@ def test_building_the_parser_imports_nothing_heavy():
 
 
 def test_the_parser_offers_what_the_modules_accept():
+    from raydiff.accumulate import METRIC_SUBSET
     from raydiff.classifier import ARCHS
     from raydiff.config import CLASSIFIER_ARCHS
     from raydiff.data.mixing import RULES
@@ -43,6 +44,7 @@ def test_the_parser_offers_what_the_modules_accept():
     assert cli.SOURCES == SOURCES and cli.SAMPLE_FORMATS == FORMATS
     assert cli.EVAL_METRICS == METRICS and cli.MIX_RULES == RULES
     assert cli.DEFAULT_ROWS_PER_SHARD == DEFAULT_ROWS_PER_SHARD
+    assert cli.METRIC_SUBSET == METRIC_SUBSET
     assert tuple(ARCHS) == CLASSIFIER_ARCHS
 
 

@@ -8,6 +8,7 @@ The Inception weights are the random but calibrated file of the ``inception_weig
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,8 +113,6 @@ def test_groups_per_class_and_outputs(first_evaluation, samples, shapes16_tiny):
 
 def test_second_evaluation_reads_the_reference_features_from_the_cache(first_evaluation, tmp_path):
     job, result = first_evaluation
-    from dataclasses import replace
-
     again = run_evaluation(replace(job, actors=1, metrics=("fid",), groups=False,
                                    per_class=False, copying=False, out=str(tmp_path)))
     assert again["reference_cache"] == "hit"
@@ -123,29 +122,106 @@ def test_second_evaluation_reads_the_reference_features_from_the_cache(first_eva
     assert set(again["sets"]["overall"]) == {"num_generated", "num_reference", "fid", "classes"}
 
 
-def test_copy_rate_and_diversity_equal_an_in_process_computation(
-        first_evaluation, samples, shapes16_tiny, inception_weights):
-    """The training split's features (the copy rate's other side) come through the same
-    actors and cache as the reference's; the numbers equal the metric on features extracted
-    here, in one process."""
+@pytest.fixture(scope="module")
+def in_process(samples, shapes16_tiny, inception_weights) -> dict:
+    """The features of the generated, reference (the first REF_PER_CLASS per class) and
+    training images, extracted here in one process, with their labels."""
     from raydiff.features import InceptionFeatures
-    from raydiff.metrics import copy_and_diversity
 
-    _, result = first_evaluation
     extract = InceptionFeatures(inception_weights)
     gen_images, gen_labels, _ = read_samples(samples)
     ref_images, ref_labels = read_split_arrays(shapes16_tiny, "reference")
     keep = first_per_class(np.arange(len(ref_labels)), ref_labels, REF_PER_CLASS)
     train_images, train_labels = read_split_arrays(shapes16_tiny, "train")
-    gen, ref, train = (extract(images)[0] for images in
-                       (gen_images, ref_images[keep], train_images))
+    return {"gen": extract(gen_images)[0], "gen_labels": gen_labels,
+            "ref": extract(ref_images[keep])[0], "ref_labels": ref_labels[keep],
+            "train": extract(train_images)[0], "train_labels": train_labels}
+
+
+def test_copy_rate_and_diversity_equal_an_in_process_computation(first_evaluation, in_process):
+    """The training split's features (the copy rate's other side) come through the same
+    actors and cache as the reference's; the numbers equal the metric on features extracted
+    here, in one process."""
+    from raydiff.metrics import copy_and_diversity
+
+    _, result = first_evaluation
+    f = in_process
     assert result["settings"]["copy_ratio"] == pytest.approx(1 / 3)
     for name, values in result["sets"].items():
-        expected = copy_and_diversity(gen, gen_labels, train, train_labels, ref,
-                                      ref_labels[keep], values["classes"])
+        expected = copy_and_diversity(f["gen"], f["gen_labels"], f["train"], f["train_labels"],
+                                      f["ref"], f["ref_labels"], values["classes"])
         assert 0.0 <= values["copy_rate"] <= 1.0
         assert values["copy_rate"] == pytest.approx(expected["copy_rate"]), name
         assert values["diversity"] == pytest.approx(expected["diversity"], rel=1e-4), name
+
+
+def chosen(keys: np.ndarray, seed: int, size: int) -> np.ndarray:
+    """The metric subset's rule, written out: the ``size`` keys of smallest (priority, key)."""
+    from raydiff.accumulate import subset_priority
+
+    return np.sort(keys[np.lexsort((keys, subset_priority(keys, seed)))[:size]])
+
+
+def test_a_smaller_metric_subset_keeps_fid_and_draws_kid_and_pr_from_the_seeded_rows(
+        first_evaluation, in_process, tmp_path):
+    """--metric-subset 5 (of 12 generated, 16 reference images): FID and IS are the whole
+    set's, KID, P/R and the copy rate those of the 5 images of each side whose keys have the
+    smallest seeded priority, on 1 actor as on 2. The overall set only: its subset is chosen
+    from three (third, shot group) cells; every group's is checked without Ray in
+    test_accumulate.py. The reference's features come from the cache the first evaluation
+    filled."""
+    from raydiff.distributed.evaluate import GENERATED_SEED, REFERENCE_SEED
+    from raydiff.metrics import copy_rate, copy_ratios, kid, precision_recall
+
+    job, full = first_evaluation
+    f = in_process
+    whole = full["sets"]["overall"]
+    g = chosen(np.arange(len(f["gen_labels"])), GENERATED_SEED, 5)
+    r = chosen(np.arange(len(f["ref_labels"])), REFERENCE_SEED, 5)
+    expected = {**kid(f["gen"][g], f["ref"][r]), **precision_recall(f["gen"][g], f["ref"][r])}
+    ratios = copy_ratios(f["gen"][g], f["gen_labels"][g], f["train"], f["train_labels"],
+                         f["ref"], f["ref_labels"])
+    for actors in (1, 2):
+        result = run_evaluation(replace(job, metric_subset=5, actors=actors, groups=False,
+                                        per_class=False, out=str(tmp_path / f"{actors}")))
+        assert result["settings"]["metric_subset"] == 5
+        assert result["extracted"] == {"generated": 12}
+        overall = result["sets"]["overall"]
+        assert (overall["num_generated"], overall["num_reference"]) == (12, 16)
+        assert (overall["subset_generated"], overall["subset_reference"]) == (5, 5)
+        assert overall["fid"] == pytest.approx(whole["fid"], rel=1e-6)
+        assert overall["isc_mean"] == pytest.approx(whole["isc_mean"], rel=1e-6)
+        assert overall["kid_mean"] == pytest.approx(expected["kid_mean"], rel=1e-4, abs=1e-9)
+        assert overall["kid_mean"] != pytest.approx(whole["kid_mean"], rel=1e-3)
+        assert overall["precision"] == pytest.approx(expected["precision"])
+        assert overall["recall"] == pytest.approx(expected["recall"])
+        assert overall["copy_rate"] == pytest.approx(copy_rate(ratios))
+
+
+def test_cache_rows_written_as_they_arrive_are_read_back_in_chunks(tmp_path):
+    from raydiff.data.feature_rows import RowsWriter
+    from raydiff.distributed.evaluate import _read_cache
+
+    rows = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    labels = np.arange(10) % 4
+    entry = tmp_path / "entry"
+    writer = RowsWriter(entry, 10, 3)
+    for keys in ([7, 3, 4, 5], [0, 9], [8, 1, 2, 6]):  # any order, as actors deliver them
+        writer.add({"key": np.array(keys), "label": labels[keys], "feat": rows[keys]})
+    writer.finish({"version": 1}, "reference")
+    stored = _read_cache(entry, 3)
+    np.testing.assert_array_equal(stored.load()[0], rows)
+    np.testing.assert_array_equal(stored.labels, labels)
+    keys, chunk_labels, chunk_rows = zip(*stored.chunks(size=4))
+    assert [len(k) for k in keys] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(chunk_rows), rows)
+    np.testing.assert_array_equal(np.concatenate(chunk_labels), labels)
+    assert np.concatenate(keys).tolist() == list(range(10))
+    short = RowsWriter(tmp_path / "short", 3, 3)
+    short.add({"key": np.array([0, 2]), "label": np.zeros(2), "feat": rows[:2]})
+    with pytest.raises(RuntimeError, match="1 reference images got no features"):
+        short.finish({}, "reference")
+    assert _read_cache(tmp_path / "short", 3) is None  # never finished: no entry
 
 
 def test_bad_input_is_one_clear_line(cli_error, samples, shapes_dataset, shapes16_tiny, tmp_path,

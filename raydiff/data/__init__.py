@@ -11,4 +11,6 @@ Modules, by job (none imports Ray; import them directly, this package loads noth
   ``read_split``, ``decode_batch``); ``dataset``: a split as a torch ``Dataset``.
 - ``prepare``: the ``raydiff prepare`` command, writing both splits atomically.
 - ``resample``: batch resampling (BRS) of the training split.
+- ``feature_rows``: the reference-feature cache entry of ``raydiff evaluate``, written row by
+  row and read in chunks.
 """

@@ -5,8 +5,14 @@ Pipeline (``run_evaluation``), one Ray Data execution::
     generated images (keyed by index)                 \
     reference images (keyed by position), if not cached  > union --map_batches(FeatureActor,
     training images (copy rate), if not cached        /          ActorPoolStrategy)-->
-    driver: feature rows placed by set and key; the generated set's sufficient statistics per
-    class group (float64) as batches arrive
+    driver: the generated rows stream into ``accumulate.GeneratedStream`` (float64 statistics
+    per class cell, a seeded subset of ``--metric-subset`` rows per cell, IS sums, top-1
+    counts); the reference and training rows are written, row by row, into new cache entries
+
+then the reference split's cache entry is read a chunk at a time into its own
+``accumulate.FeatureStream``, and the copy rate reads the training and reference entries the
+same way. Driver memory is bounded by the subset size and the feature dimension, not by the
+number of images (``benchmarks/eval_memory.py``).
 
 Small image sets are read by the driver and handed to Ray Data as blocks, large ones stream
 through Ray Data's Parquet readers (``image_rows``).
@@ -18,12 +24,14 @@ top-1 on the generated images (does a tail sample look like its class?) is repor
 per class, and IS is computed from its logits (in [1, num_classes]). The generated set is
 compared with the reference images of the same classes: overall, and with ``--groups`` for the
 head / body / tail thirds of the classes ranked by training count (taken from the reference
-dataset's ``dataset.json``), optionally per class (``--per-class``).
+dataset's ``dataset.json``) and the many / medium / few-shot groups, optionally per class
+(``--per-class-fid``).
 
 Reference features are cached on disk under a key made of the reference's identity (a hash of
 its dataset.json and reference shards), the per-class cap, the feature extractor's name and the
 hash of its weights (a classifier's: of its weights and config), so a second evaluation against
-the same reference skips its feature pass.
+the same reference skips its feature pass. An entry holds every row (``features.npy``); it is
+read in chunks, never whole.
 """
 
 from __future__ import annotations
@@ -43,21 +51,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydiff import accumulate
 from raydiff import metrics as metrics_lib
-from raydiff.data import parquet
+from raydiff.accumulate import CopyRatios, FeatureStream, GeneratedStream, Rows
+from raydiff.data import feature_rows, parquet
+from raydiff.data.feature_rows import RowsWriter, StoredRows
 from raydiff.data.images import decode_images
 from raydiff.data.samples import load_manifest, shard_name, shard_paths
 from raydiff.distributed import runtime
 from raydiff.errors import RaydiffError
 from raydiff.features import Extractor, resolve_extractor
-from raydiff.metrics import GROUPS, METRICS, SHOT_GROUPS, FeatureStats
-from raydiff.storage import Folder, atomic_path, json_safe, to_buffer
+from raydiff.metrics import GROUPS, METRICS, RNG_SEED, SHOT_GROUPS
+from raydiff.storage import Folder, json_safe, to_buffer
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 CHART_FILE = "metrics.png"
 CACHE_VERSION = 1
+# seeds of the metric subsets' priorities (accumulate.subset_priority), one per side
+GENERATED_SEED, REFERENCE_SEED = RNG_SEED, RNG_SEED + 1
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,9 @@ class EvalJob:
     # images per actor call: fewer, larger blocks through Ray Data; a GPU wants 128 or more
     batch_size: int = 128
     reference_per_class: int | None = None  # use only the first N reference images per class
+    # rows per reported set and side for KID, P/R, copy rate and diversity: a seeded subset
+    # (FID, IS and a classifier's top-1 use every image)
+    metric_subset: int = accumulate.METRIC_SUBSET
     # copy rate and diversity per set: needs the features of the reference dataset's training
     # split (cached like the reference's)
     copying: bool = True
@@ -104,6 +120,11 @@ def check_job(job: EvalJob) -> tuple[dict, parquet.DatasetInfo]:
     if job.reference_per_class is not None and job.reference_per_class < 2:
         raise RaydiffError("--reference-per-class must be at least 2 (a covariance needs two "
                            f"images), got {job.reference_per_class}")
+    if job.metric_subset <= metrics_lib.PRC_NEIGHBORHOOD:
+        raise RaydiffError(f"--metric-subset must be at least {metrics_lib.PRC_NEIGHBORHOOD + 1} "
+                           f"(precision/recall compare each image with its "
+                           f"{metrics_lib.PRC_NEIGHBORHOOD} nearest others), got "
+                           f"{job.metric_subset}")
     manifest = load_manifest(job.samples)
     shard_paths(job.samples)  # refuses an incomplete or damaged folder
     info = parquet.load_info(job.reference)
@@ -207,40 +228,23 @@ def image_rows(folder: Folder, names: list[str], columns: list[str], part: int, 
 
 
 @dataclass
-class FeatureSet:
-    """Feature rows (and logits) of one image set, in key order, with their labels."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    logits: np.ndarray | None = None
-
-    @classmethod
-    def empty(cls, n: int, extractor: Extractor, with_logits: bool) -> FeatureSet:
-        return cls(np.zeros((n, extractor.feature_dim), np.float32), np.full(n, -1, np.int64),
-                   np.zeros((n, extractor.logits_dim), np.float32) if with_logits else None)
-
-    def add(self, batch: dict) -> None:
-        keys = np.asarray(batch["key"])
-        self.features[keys] = batch["feat"]
-        self.labels[keys] = batch["label"]
-        if self.logits is not None:
-            self.logits[keys] = batch["logits"]
-
-
-@dataclass
 class FeaturePass:
     """One image set of a feature pass: a builder of its rows (``image_rows``, given the
-    set's part number) and the FeatureSet they fill; ``on_batch`` sees every batch too."""
+    set's part number), the function every batch of its features goes to, and how many
+    images it has."""
 
     name: str
     rows: Callable[[int], Any]
-    into: FeatureSet
-    on_batch: Callable[[dict], None] | None = None
+    sink: Callable[[dict], None]
+    expected: int
+    with_logits: bool = False
+    received: int = 0
 
 
 def extract(job: EvalJob, extractor: Extractor, passes: list[FeaturePass]) -> None:
     """The features of every set in one Ray Data execution: one actor pool, the extractor
-    loaded once per actor, however many sets (generated, reference, training) need it."""
+    loaded once per actor, however many sets (generated, reference, training) need it. The
+    batches go to the passes' sinks as they arrive; none is kept here."""
     import ray
 
     if not passes:
@@ -252,7 +256,7 @@ def extract(job: EvalJob, extractor: Extractor, passes: list[FeaturePass]) -> No
         fn_constructor_kwargs={"extractor": asdict(extractor),
                                "threads": max(1, int(job.cpus_per_actor)),
                                "use_gpu": job.gpus_per_actor > 0,
-                               "with_logits": any(p.into.logits is not None for p in passes)},
+                               "with_logits": any(p.with_logits for p in passes)},
         compute=ray.data.ActorPoolStrategy(size=job.actors), batch_size=job.batch_size,
         batch_format="numpy", num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
     for batch in runtime.quiet(ds).iter_batches(batch_size=None, batch_format="numpy"):
@@ -260,32 +264,27 @@ def extract(job: EvalJob, extractor: Extractor, passes: list[FeaturePass]) -> No
         for part in np.unique(parts):
             rows = {name: np.asarray(column)[parts == part] for name, column in batch.items()}
             target = passes[int(part)]
-            target.into.add(rows)
-            if target.on_batch is not None:
-                target.on_batch(rows)
+            target.sink(rows)
+            target.received += len(rows["key"])
     for p in passes:
-        if (p.into.labels < 0).any():
-            raise RuntimeError(f"{int((p.into.labels < 0).sum())} {p.name} images got no "
-                               f"features")
+        if p.received < p.expected:
+            raise RuntimeError(f"{p.expected - p.received} {p.name} images got no features")
+        if p.received > p.expected:
+            raise RuntimeError(f"{p.received} {p.name} feature rows for {p.expected} images")
 
 
-def sample_pass(job: EvalJob, manifest: dict, extractor: Extractor, groups: np.ndarray,
-                with_logits: bool) -> tuple[FeaturePass, list[FeatureStats]]:
-    """The generated images' pass, and their sufficient statistics per class group,
-    accumulated in float64 as batches arrive."""
-    stats = [FeatureStats(dim=extractor.feature_dim) for _ in GROUPS]
-
-    def accumulate(batch: dict) -> None:
-        batch_groups = groups[np.asarray(batch["label"])]
-        for g, group_stats in enumerate(stats):
-            group_stats.update(np.asarray(batch["feat"])[batch_groups == g])
-
+def sample_pass(job: EvalJob, manifest: dict, generated: GeneratedStream) -> FeaturePass:
+    """The generated images' pass: every batch of features streams into ``generated``."""
     folder = Folder(job.samples)
     names = [shard_name(k) for k in range(manifest["num_shards"])]
     rows = functools.partial(image_rows, folder, names, ["index", "label", "image"],
                              keyer=key_by_index, rows_per_block=job.batch_size)
-    into = FeatureSet.empty(manifest["num_images"], extractor, with_logits)
-    return FeaturePass("generated", rows, into, accumulate), stats
+
+    def sink(batch: dict) -> None:
+        generated.add(batch["key"], batch["label"], batch["feat"], batch.get("logits"))
+
+    return FeaturePass("generated", rows, sink, manifest["num_images"],
+                       with_logits=bool(generated.scores) or generated.correct is not None)
 
 
 def reference_identity(reference: str) -> str:
@@ -310,58 +309,66 @@ def _reference_positions(reference: str, per_class: int | None,
     return positions
 
 
-def _read_cache(folder: Path, feature_dim: int) -> FeatureSet | None:
-    """A cache entry's features, or None when there is none. A damaged entry (unreadable,
-    of the wrong shape, not finite) counts as a miss: it is removed and extracted again."""
-    if not (folder / "meta.json").is_file():
+def _read_cache(folder: Path, feature_dim: int) -> StoredRows | None:
+    """A cache entry's rows (on disk, checked), or None when there is none. A damaged entry
+    (unreadable, of the wrong shape, not finite) counts as a miss: it is removed and
+    extracted again."""
+    if not (folder / feature_rows.META_FILE).is_file():
         return None
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        features = np.load(folder / "features.npy")  # allow_pickle=False: arrays only
-        labels = np.load(folder / "labels.npy")
+        meta = json.loads((folder / feature_rows.META_FILE).read_text())
+        labels = np.load(folder / feature_rows.LABELS_FILE)  # allow_pickle=False: arrays only
+        rows = StoredRows(folder / feature_rows.FEATURES_FILE, labels)
         n = int(meta["num_images"])
-        if (features.shape != (n, feature_dim) or labels.shape != (n,)
-                or not np.isfinite(features).all()):
-            raise ValueError(f"features {features.shape}, labels {labels.shape}, "
+        if rows.shape != (n, feature_dim) or labels.shape != (n,):
+            raise ValueError(f"features {rows.shape}, labels {labels.shape}, "
                              f"{n} images expected")
+        if not all(np.isfinite(chunk).all() for _, _, chunk in rows.chunks()):
+            raise ValueError("features that are not finite")
     except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
         logger.warning("evaluate: cache entry %s is damaged (%s); extracting again", folder,
                        str(err).splitlines()[0] if str(err) else type(err).__name__)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    return FeatureSet(features, labels)
+    return rows
 
 
 @dataclass
 class CachedSplit:
-    """The features of one split of the reference dataset: read from the cache (``hit``), or
-    to be filled by ``extract`` (``pass_``) and then stored (``store``)."""
+    """The features of one split of the reference dataset, in a cache entry on disk: there
+    already (``hit``), or written by ``extract`` through ``pass_`` and then ``store``d."""
 
     split: str
     key_data: dict
     folder: Path
-    features: FeatureSet
+    feature_dim: int
     hit: bool
+    rows: StoredRows | None = None
     pass_: FeaturePass | None = None
+    writer: RowsWriter | None = None
 
     def store(self, reference: str) -> None:
         if self.hit:
             return
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.writer.finish({**self.key_data, "reference_path": reference}, self.split)
         if self.folder.exists():  # another evaluation filled the cache meanwhile
-            return
-        with atomic_path(self.folder) as tmp:
-            tmp.mkdir()
-            np.save(tmp / "features.npy", self.features.features)
-            np.save(tmp / "labels.npy", self.features.labels)
-            (tmp / "meta.json").write_text(json.dumps(
-                {**self.key_data, "reference_path": reference,
-                 "num_images": len(self.features.labels)}))
+            shutil.rmtree(self.writer.folder, ignore_errors=True)
+        else:
+            os.replace(self.writer.folder, self.folder)
+        self.rows = _read_cache(self.folder, self.feature_dim)
+        if self.rows is None:
+            raise RuntimeError(f"the {self.split} features just stored in {self.folder} "
+                               "cannot be read back")
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.discard()
 
 
 def cached_split(job: EvalJob, extractor: Extractor, split: str = "reference") -> CachedSplit:
     """The cache entry of the reference dataset's ``split`` (its reference images cut to
-    ``job.reference_per_class``, or its whole training split for the copy rate)."""
+    ``job.reference_per_class``, or its whole training split for the copy rate); on a miss,
+    with the pass that fills it."""
     per_class = job.reference_per_class if split == "reference" else None
     key_data = {"version": CACHE_VERSION, "reference": reference_identity(job.reference),
                 "per_class": per_class, "extractor": extractor.name,
@@ -372,74 +379,69 @@ def cached_split(job: EvalJob, extractor: Extractor, split: str = "reference") -
     cached = _read_cache(folder, extractor.feature_dim)
     if cached is not None:
         logger.info("evaluate: %s features from cache %s", split, folder)
-        return CachedSplit(split, key_data, folder, cached, hit=True)
+        return CachedSplit(split, key_data, folder, extractor.feature_dim, hit=True, rows=cached)
     positions = _reference_positions(job.reference, per_class, split)
-    into = FeatureSet.empty(len(positions), extractor, with_logits=False)
+    writer = RowsWriter(folder.with_name(f".{folder.name}.tmp-{os.getpid()}"), len(positions),
+                        extractor.feature_dim)
     info = parquet.load_info(job.reference)
     rows = functools.partial(image_rows, Folder(job.reference), info.files[split],
                              ["image", "label", "source"], keyer=key_by_source,
                              rows_per_block=job.batch_size, keyer_kwargs={"positions": positions})
-    return CachedSplit(split, key_data, folder, into, hit=False,
-                       pass_=FeaturePass(split, rows, into))
+    return CachedSplit(split, key_data, folder, extractor.feature_dim, hit=False,
+                       pass_=FeaturePass(split, rows, writer.add, len(positions)), writer=writer)
 
 
 def reference_features(job: EvalJob, extractor: Extractor,
                        splits: tuple[str, ...] = ("reference",),
                        also: tuple[FeaturePass, ...] = ()) -> tuple[dict[str, CachedSplit],
                                                                      list[FeaturePass]]:
-    """The features of the reference dataset's ``splits``: the cached ones read back, the
-    others extracted (in one pass with the sets ``also`` asks for) and cached. Returns the
-    splits and the passes that ran."""
-    found = {split: cached_split(job, extractor, split) for split in splits}
-    passes = [c.pass_ for c in found.values() if c.pass_ is not None] + list(also)
-    extract(job, extractor, passes)
-    for entry in found.values():
-        entry.store(job.reference)
+    """The features of the reference dataset's ``splits`` in the cache: the cached ones as
+    they are, the others extracted (in one pass with the sets ``also`` asks for) into new
+    entries. Returns the splits (their rows on disk) and the passes that ran."""
+    found: dict[str, CachedSplit] = {}
+    try:
+        for split in splits:
+            found[split] = cached_split(job, extractor, split)
+        passes = [c.pass_ for c in found.values() if c.pass_ is not None] + list(also)
+        extract(job, extractor, passes)
+        for entry in found.values():
+            entry.store(job.reference)
+    except BaseException:
+        for entry in found.values():
+            entry.discard()
+        raise
     return found, passes
 
 
 # --- metrics ----------------------------------------------------------------------------------
 
-def compute_all(job: EvalJob, gen: FeatureSet, gen_stats: list[FeatureStats], ref: FeatureSet,
-                groups: np.ndarray, classes: list[int], classifier: bool = False,
-                train: FeatureSet | None = None, shots: np.ndarray | None = None) -> dict:
-    """Overall and per-group metrics, and per-class FID when asked; with ``classifier`` (the
-    logits are a classifier's), its top-1 on the generated images of every set; with the
-    ``train`` features, each set's copy rate and diversity (``metrics.copy_and_diversity``)."""
-    sets = {"overall": list(classes)}
-    if job.groups:
-        sets.update({name: [c for c in classes if groups[c] == g]
-                     for g, name in enumerate(GROUPS)})
-        if shots is not None:  # many / medium / few shot, by absolute training count
-            sets.update({name: [c for c in classes if shots[c] == g]
-                         for g, name in enumerate(SHOT_GROUPS)})
-    results = {}
-    for name, members in sets.items():
-        if not members:
-            continue
-        in_gen, in_ref = np.isin(gen.labels, members), np.isin(ref.labels, members)
-        member_groups = sorted({int(groups[c]) for c in members})
-        if set(members) == {c for c in classes if groups[c] in member_groups}:
-            stats = gen_stats[member_groups[0]]  # a union of thirds: the streamed float64 sums
-            for g in member_groups[1:]:
-                stats = stats.merge(gen_stats[g])
-        else:
-            stats = FeatureStats.of(gen.features[in_gen])
-        results[name] = metrics_lib.set_metrics(
-            job.metrics, stats, FeatureStats.of(ref.features[in_ref]), gen.features[in_gen],
-            ref.features[in_ref], None if gen.logits is None else gen.logits[in_gen])
-        results[name]["classes"] = members
-        if train is not None:
-            results[name].update(metrics_lib.copy_and_diversity(
-                gen.features[in_gen], gen.labels[in_gen], train.features, train.labels,
-                ref.features, ref.labels, members))
-        if classifier:  # its top-1 on the generated images of the set
-            results[name]["classifier_top1"] = float(
-                (gen.logits[in_gen].argmax(1) == gen.labels[in_gen]).mean())
-    out = {"sets": results}
+def reference_stream(job: EvalJob, rows: StoredRows, cells: np.ndarray,
+                     per_class_stats: bool) -> FeatureStream:
+    """The reference side, read from its cache entry a chunk at a time."""
+    stream = FeatureStream(cells, rows.shape[1], job.metric_subset, REFERENCE_SEED,
+                           per_class_stats)
+    for keys, labels, chunk in rows.chunks():
+        stream.add(keys, labels, chunk)
+    return stream
+
+
+def compute_all(job: EvalJob, gen: GeneratedStream, ref: FeatureStream,
+                sets: dict[str, list[int]], classes: list[int],
+                copy_from: tuple[StoredRows, StoredRows] | None = None) -> dict:
+    """Overall and per-group metrics, and per-class FID when asked; with ``copy_from`` (the
+    training and reference splits' rows), each set's copy rate and diversity."""
+    copies = diversity = None
+    if copy_from is not None:
+        train, reference = copy_from
+        queries = gen.features.subset_rows()
+        copies = CopyRatios(queries.keys, accumulate.copy_ratios(
+            queries, (Rows(*c) for c in train.chunks()), (Rows(*c) for c in reference.chunks())))
+        diversity = accumulate.class_diversity(gen.features, ref, classes)
+    out = {"sets": {name: accumulate.set_results(job.metrics, gen, ref, name, members, copies,
+                                                 diversity)
+                    for name, members in sets.items()}}
     if job.per_class:
-        per_class = metrics_lib.per_class_fid(gen.features, gen.labels, ref.features, ref.labels,
-                                              classes)
+        per_class = accumulate.per_class_fid(gen.features, ref, classes)
         out["per_class_fid"] = {str(c): v for c, v in per_class.items()}
         finite = [v for v in per_class.values() if np.isfinite(v)]  # NaN: under 2 images
         out["per_class_fid_mean"] = float(np.mean(finite)) if finite else float("nan")
@@ -453,6 +455,20 @@ def _write_outputs(out: Folder, result: dict) -> None:
     out.write_bytes(CHART_FILE, to_buffer(lambda f: metrics_chart(result).save(f, format="PNG")))
 
 
+def _settings(job: EvalJob, per_class_stats: bool) -> dict:
+    """What metrics.json states about how the numbers were made."""
+    out = {k: v for k, v in asdict(job).items()
+           if k in ("metrics", "groups", "per_class", "reference_per_class", "metric_subset")}
+    out.update({"metric_subset_seed": {"generated": GENERATED_SEED, "reference": REFERENCE_SEED},
+                "kid_subsets": metrics_lib.KID_SUBSETS, "isc_splits": metrics_lib.ISC_SPLITS,
+                "prc_neighborhood": metrics_lib.PRC_NEIGHBORHOOD,
+                "copy_ratio": metrics_lib.COPY_RATIO if job.copying else None,
+                "diversity_max_rows": metrics_lib.DIVERSITY_MAX_ROWS})
+    if job.per_class:
+        out["per_class_fid_from"] = "all images" if per_class_stats else "metric subset"
+    return out
+
+
 def run_evaluation(job: EvalJob) -> dict:
     """Extract features, compute the metrics, write metrics.json and metrics.png."""
     manifest, info = check_job(job)
@@ -463,48 +479,49 @@ def run_evaluation(job: EvalJob) -> dict:
     start = time.monotonic()
     groups = metrics_lib.class_groups(info.counts("train"))
     shots = metrics_lib.shot_groups(info.counts("train"))
-    generated, gen_stats = sample_pass(job, manifest, extractor, groups,
-                                       "isc" in job.metrics or classifier)
+    classes = [int(c) for c in manifest["identity"]["classes"]]
+    sets = accumulate.eval_sets(classes, groups, shots, job.groups)
+    cells = accumulate.class_cells(info.num_classes, classes, groups, shots)
+    per_class_stats = job.per_class and accumulate.per_class_stats_fit(len(classes),
+                                                                       extractor.feature_dim)
+    generated = GeneratedStream(
+        FeatureStream(cells, extractor.feature_dim, job.metric_subset, GENERATED_SEED,
+                      per_class_stats),
+        classes, manifest["identity"]["per_class"], sets,
+        logits_dim=extractor.logits_dim if "isc" in job.metrics else None, top1=classifier)
     # one Ray Data execution for the samples and every reference split not cached
     cached, passes = reference_features(
-        job, extractor, ("reference", "train") if job.copying else ("reference",), (generated,))
+        job, extractor, ("reference", "train") if job.copying else ("reference",),
+        (sample_pass(job, manifest, generated),))
     features_seconds = time.monotonic() - start
-    ref, gen = cached["reference"].features, generated.into
-    train = cached["train"].features if job.copying else None
-    classes = [int(c) for c in manifest["identity"]["classes"]]
+    ref = reference_stream(job, cached["reference"].rows, cells, per_class_stats)
+    copy_from = (cached["train"].rows, cached["reference"].rows) if job.copying else None
     result = {
         "samples": str(job.samples), "reference": str(job.reference),
         "feature_extractor": {"name": extractor.name, "weights": extractor.path,
                               "weights_sha256": extractor.sha256,
                               "feature_dim": extractor.feature_dim},
-        "settings": {**{k: v for k, v in asdict(job).items()
-                        if k in ("metrics", "groups", "per_class", "reference_per_class")},
-                     "kid_subsets": metrics_lib.KID_SUBSETS, "isc_splits": metrics_lib.ISC_SPLITS,
-                     "prc_neighborhood": metrics_lib.PRC_NEIGHBORHOOD,
-                     "prc_max_images": metrics_lib.PRC_MAX_IMAGES,
-                     "copy_ratio": metrics_lib.COPY_RATIO if job.copying else None,
-                     "diversity_max_rows": metrics_lib.DIVERSITY_MAX_ROWS},
+        "settings": _settings(job, per_class_stats),
         "groups": {name: [c for c in range(info.num_classes) if groups[c] == g]
                    for g, name in enumerate(GROUPS)},
         "shot_groups": {name: [c for c in range(info.num_classes) if shots[c] == g]
                         for g, name in enumerate(SHOT_GROUPS)},
-        **compute_all(job, gen, gen_stats, ref, groups, classes, classifier, train, shots),
+        **compute_all(job, generated, ref, sets, classes, copy_from),
         "reference_cache": "hit" if cached["reference"].hit else "miss",
         # images through the feature extractor, per set (a cached set's are not)
-        "extracted": {p.name: len(p.into.labels) for p in passes},
+        "extracted": {p.name: p.expected for p in passes},
         "seconds": {"features": round(features_seconds, 2),
                     "metrics": round(time.monotonic() - start - features_seconds, 2)},
     }
     if classifier:
-        result["classifier_accuracy"] = classifier_accuracy(gen, info)
+        result["classifier_accuracy"] = classifier_accuracy(generated, info)
     _write_outputs(Folder(job.out or job.samples), result)
     return result
 
 
-def classifier_accuracy(gen: FeatureSet, info: parquet.DatasetInfo) -> dict:
+def classifier_accuracy(gen: GeneratedStream, info: parquet.DatasetInfo) -> dict:
     """The classifier's top-1 on the generated images per class, per head/body/tail third and
     per many/medium/few-shot group (groups cut by the real training counts)."""
-    from raydiff.classifier import accuracy_report, correct_counts
+    from raydiff.classifier import accuracy_report
 
-    correct, total = correct_counts(gen.logits.argmax(1), gen.labels, info.num_classes)
-    return accuracy_report(correct, total, info.counts("train"), info.class_names)
+    return accuracy_report(gen.correct, gen.total, info.counts("train"), info.class_names)

@@ -297,10 +297,11 @@ def reference_stats(job: SearchJob, info: parquet.DatasetInfo, spec: EvalSpec) -
     with_train = info.num_images("train") <= COPY_MAX_TRAIN
     found, _ = reference_features(request, extractor,
                                   ("reference", "train") if with_train else ("reference",))
-    ref = found["reference"].features
-    train = (found["train"].features.features, found["train"].features.labels) \
-        if with_train else None
-    return ReferenceStats.of(spec.feature, info.counts("train"), ref.features, ref.labels, train)
+    # every trial's objective compares with these in memory (the training split's rows only
+    # up to COPY_MAX_TRAIN images)
+    ref_rows, ref_labels = found["reference"].rows.load()
+    train = found["train"].rows.load() if with_train else None
+    return ReferenceStats.of(spec.feature, info.counts("train"), ref_rows, ref_labels, train)
 
 
 def build_tuner(job: SearchJob, restore: bool, checked: tuple):

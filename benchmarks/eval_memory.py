@@ -23,12 +23,13 @@ process only (Ray's actors and object store are other processes):
   object-store pages it read Ray Data's blocks from (shared memory, freed by the store, not
   by the driver).
 
-Sample sets of up to ``DRIVER_READ_MAX_BYTES`` (256 MiB) of Parquet are read by the driver
+Sample sets of up to ``DRIVER_READ_MAX_BYTES`` (8 MiB) of Parquet are read by the driver
 itself and handed to Ray Data as blocks, a start-up shortcut (``benchmarks/eval_start.py``)
-whose memory grows with the set up to that size; larger sets stream through Ray Data's
-readers. The new code is measured both ways ("samples read by": driver, the default for
-these sets; Ray Data, with ``DRIVER_READ_MAX_BYTES = 0``, the path of larger sets), so what
-the accumulators cost shows apart from what the shortcut costs.
+whose memory grows with the set up to that size and no further; larger sets stream through
+Ray Data's readers. The new code is measured with that default ("default": the set's Parquet
+size, printed, says which way it went) and with every set through Ray Data
+(``DRIVER_READ_MAX_BYTES = 0``), so what the accumulators cost shows apart from what the
+shortcut costs.
 
 Features: a ``raydiff classify`` ResNet-10 of width 64 with random weights (512-d features,
 10 logits; seconds per thousand images on a CPU). Samples: reference images of their class
@@ -223,18 +224,20 @@ def main() -> None:
             for n in args.images:
                 got = measure(code, {**base, **extra, "samples": str(samples[n]),
                                      "out": str(work / f"eval-{k}-{n}")}, warm_up, work)
-                rows.append((name, "Ray Data" if extra else "driver", got))
+                size = sum(f.stat().st_size for f in samples[n].rglob("*.parquet"))
+                rows.append((name, "Ray Data" if extra else f"default {size / 2**20:.1f} MiB",
+                             got))
     dim = 8 * args.width
     print(f"{info.num_classes} classes at {info.resolution} px: {info.num_images('train')} "
           f"training images, {args.reference_per_class} reference images per class; random "
           f"ResNet-10 features ({dim}-d), --groups, copy rate on; driver peaks above its state "
           f"after a warm-up evaluation")
-    print(f"{'code':<10} {'samples read by':>15} {'images':>7} {'--metric-subset':>15} "
+    print(f"{'code':<10} {'samples read by':>18} {'images':>7} {'--metric-subset':>15} "
           f"{'tracemalloc MiB':>15} {'private RSS MiB':>15} {'RSS MiB':>8} {'seconds':>8} "
           f"{'FID':>7}")
     for name, reader, got in rows:
         subset = str(args.metric_subset) if got["has_metric_subset"] else "-"
-        print(f"{name:<10} {reader:>15} {got['num_generated']:>7} {subset:>15} "
+        print(f"{name:<10} {reader:>18} {got['num_generated']:>7} {subset:>15} "
               f"{got['traced_peak'] / 2**20:>15.1f} {got['anon_peak'] / 2**20:>15.1f} "
               f"{got['rss_peak'] / 2**20:>8.1f} {got['seconds']:>8.1f} {got['fid']:>7.4f}")
     feature_mib = [n * dim * 4 / 2**20 for n in args.images]

@@ -156,7 +156,9 @@ def check_extractor(extractor: Extractor, info: parquet.DatasetInfo) -> None:
 
 # --- feature extraction in Ray Data actors ----------------------------------------------------
 
-DRIVER_READ_MAX_BYTES = 256 << 20  # image sets this small (their Parquet files) are read here
+# Image sets this small (their Parquet files) are read here: the driver's memory for images
+# is bounded by this, whatever the set's size (``benchmarks/eval_memory.py``).
+DRIVER_READ_MAX_BYTES = 8 << 20
 
 
 class FeatureActor:

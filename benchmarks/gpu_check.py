@@ -127,34 +127,13 @@ def sample_row(compiled: bool, args, device: torch.device) -> dict:
     return {"images_per_s": n / (time.perf_counter() - start)}
 
 
-def random_inception_weights(folder: Path) -> Path:
-    """An ``inception-v3-compat`` state dict with random weights and calibrated BatchNorm
-    statistics (the real weights are a download; the speed is the same)."""
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
-
-    cls = inception.FeatureExtractorInceptionV3
-    with mock.patch.object(inception, "load_state_dict_from_url", return_value=None), \
-            mock.patch.object(cls, "load_state_dict", lambda self, state, strict=True: None):
-        net = cls("inception-v3-compat", ["2048", "logits_unbiased"])
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
-    net.train()
-    with torch.no_grad():
-        net((torch.rand(4, 3, 32, 32) * 255).to(torch.uint8))
-    path = folder / "inception-random.pth"
-    torch.save(net.eval().state_dict(), path)
-    return path
-
-
 def inception_row(args, device: torch.device, weights: Path | None) -> dict:
-    from raydiff.features import InceptionFeatures
+    from raydiff.features import InceptionFeatures, write_random_inception_weights
 
     with tempfile.TemporaryDirectory() as tmp:
-        extractor = InceptionFeatures(weights or random_inception_weights(Path(tmp)), device)
+        # the real weights are a download; the speed does not depend on them
+        weights = weights or write_random_inception_weights(Path(tmp) / "inception-random.pth")
+        extractor = InceptionFeatures(weights, device)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.feature_batch, 32, 32, 3), dtype=np.uint8)
     extractor(images)  # warm-up

@@ -138,6 +138,31 @@ class InceptionFeatures:
         return features.cpu().numpy(), logits.cpu().numpy()
 
 
+def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """A stand-in ``inception-v3-compat`` weights file where the real one cannot be downloaded
+    (tests, throughput checks): PyTorch's default init, BatchNorm statistics calibrated on
+    random images (else the 2048-d features collapse to ~1e-8 and every FID is 0). Its
+    features are not Inception's; its speed and shapes are."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    cls = inception.FeatureExtractorInceptionV3
+    with mock.patch.object(inception, "load_state_dict_from_url", return_value=None), \
+            mock.patch.object(cls, "load_state_dict", lambda self, state, strict=True: None):
+        net = cls(EXTRACTOR, list(FEATURE_LAYERS))
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: the calibration batch's statistics
+    g = torch.Generator().manual_seed(seed)
+    net.train()
+    with torch.no_grad():
+        net((torch.rand(4, 3, 32, 32, generator=g) * 255).to(torch.uint8))
+    torch.save(net.eval().state_dict(), path)
+    return Path(path)
+
+
 class PixelFeatures:
     """Images area-resized to 8x8, flattened: float32 rows in [0, 1]; no logits."""
 

@@ -483,33 +483,12 @@ def shapes16_tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> Path:
-    """A random but non-degenerate ``inception-v3-compat`` weights file (PLATFORM.md).
+    """A random but non-degenerate ``inception-v3-compat`` weights file (PLATFORM.md):
+    torch-fidelity's real weights are a download (``write_random_inception_weights``)."""
+    from raydiff.features import write_random_inception_weights
 
-    torch-fidelity's real weights are a download. Here the extractor is built with its loader
-    patched out (PyTorch's default init), its BatchNorm statistics are calibrated on random
-    images (otherwise the 2048-d features collapse to ~1e-8 and every FID is 0) and the
-    state dict is saved, to be passed as ``feature_extractor_weights_path``.
-    """
-    from unittest import mock
-
-    import torch
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
-
-    cls = inception.FeatureExtractorInceptionV3
-    with mock.patch.object(inception, "load_state_dict_from_url", return_value=None), \
-            mock.patch.object(cls, "load_state_dict", lambda self, state, strict=True: None):
-        net = cls("inception-v3-compat", ["2048", "logits_unbiased"])
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average: the calibration batch's statistics
-    g = torch.Generator().manual_seed(0)
-    net.train()
-    with torch.no_grad():
-        net((torch.rand(4, 3, 32, 32, generator=g) * 255).to(torch.uint8))
-    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
-    torch.save(net.eval().state_dict(), path)
-    return path
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception")
+                                          / "inception-random.pth")
 
 
 @pytest.fixture(scope="session")

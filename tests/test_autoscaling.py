@@ -152,4 +152,7 @@ def test_tune_job_runs_its_trials_on_nodes_the_autoscaler_adds_and_writes_to_s3(
         trial = row["trial"]
         assert f"trials/{trial}/checkpoint_000000010/state.json" in files
         logged = jsonl(read(s3, f"{search}/trials/{trial}/logs/metrics.jsonl"))
-        assert [m["step"] for m in logged] == [5, 10]
+        # reports at steps 5 and 10; each evaluation arrives with the next report (rank 0
+        # computes it beside training), the last one in an extra report after step 10
+        assert [(m["step"], m.get("eval_step")) for m in logged] == [
+            (5, None), (10, 5), (10, 10)]

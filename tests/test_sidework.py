@@ -65,5 +65,5 @@ def test_preview_only_side_work_reports_nothing():
     engine = Engine(cfg)
     side = SideWork(engine, [4, 3, 2, 1], runlog=None, quickeval=None)
     side.submit(0, preview=False)  # neither an evaluation nor a preview: nothing starts
-    assert side.pending is None and side.final_report() == {}
+    assert side.pending is None and side.take() == {}
     side.close()

@@ -218,10 +218,12 @@ class SideWork:
     queued on the training stream, and the work waits for it on a CUDA stream of its own) and
     hands it to a thread; then every rank reports and trains on, nobody waiting at the report
     barrier while rank 0 samples. At most one piece of work is in flight: the next report
-    first takes its result (waiting only if it is still running) and reports the evaluation
-    under ``eval_step``, the step whose weights it measured. The last one is taken after the
-    loop and reported by every rank in one extra report (``final_report``). Previews go to the
-    run's ``logs/samples_<step>.png`` and TensorBoard.
+    first takes its result (waiting only if it is still running) and carries the evaluation as
+    ``eval/<metric>`` keys with ``eval_step``, the step whose weights it measured (a search's
+    Tune callback joins them with that step's training metrics:
+    ``raydiff.distributed.tune.evaluation_reports``). The last one is taken after the loop and
+    reported by every rank in one extra report. Previews go to the run's
+    ``logs/samples_<step>.png`` and TensorBoard.
     """
 
     def __init__(self, engine: Engine, counts: list[int], runlog: RunLog,
@@ -268,10 +270,6 @@ class SideWork:
                 self.runlog.add_image(class_grid(self.snapshot, self.diffusion, self.engine.cfg,
                                                  self.head_to_tail), step)
             return out
-
-    def final_report(self) -> dict[str, float]:
-        """The last evaluation, for the extra report after the loop ({} without evaluation)."""
-        return self.take()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -350,7 +348,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
                        images_per_s=seen * cfg.optim.batch_size / (time.perf_counter() - tick))
         _report(engine, metrics, is_ckpt, runlog, side)
         seen, tick = 0, time.perf_counter()
-    last = side.final_report() if side is not None else {}
+    last = side.take() if side is not None else {}
     if loop_config.get("eval"):  # every rank knows: one more report, the last evaluation's
         runtime.report({**last, "step": engine.step}, engine.step, total, runlog)
     if side is not None:

@@ -120,7 +120,7 @@ def test_sets_equal_the_in_memory_metrics_when_the_subset_holds_everything(data)
         g, r = data["gen"][in_gen], data["ref"][in_ref]
         assert (values["num_generated"], values["num_reference"]) == (len(g), len(r))
         assert values["subset_generated"] == len(g) and values["subset_reference"] == len(r)
-        assert values["fid"] == pytest.approx(metrics.fid_from_rows(g, r), rel=1e-9)
+        assert values["fid"] == pytest.approx(metrics.fid_from_rows(g, r), rel=1e-7)
         assert values["kid_mean"] == metrics.kid(g, r)["kid_mean"], name
         assert {k: values[k] for k in ("precision", "recall")} == metrics.precision_recall(g, r)
         expected_isc = metrics.inception_score(data["logits"][in_gen])
@@ -149,8 +149,9 @@ def test_a_smaller_subset_keeps_fid_and_draws_kid_and_pr_from_the_seeded_rows(da
         sums = {"fid", "isc_mean", "isc_std"}  # ... and float64 sums in another order
         assert {k: v for k, v in values.items() if k not in sums} == {
             k: v for k, v in two_actors[name].items() if k not in sums}
-        for key in sums:
-            assert values[key] == pytest.approx(two_actors[name][key], rel=1e-9)
+        for key in sums:  # FID: rank-deficient covariances (see below) at rel 1e-9
+            rel = 1e-7 if key == "fid" else 1e-9
+            assert values[key] == pytest.approx(two_actors[name][key], rel=rel), (name, key)
     for name, values in one_actor.items():
         # FID and IS from every image: as with the whole set (the few-shot class has fewer
         # rows than dimensions: rank-deficient covariances carry ~1e-9 of eigensolver noise)

@@ -100,7 +100,8 @@ def test_two_workers_train_in_sync_and_a_killed_worker_resumes(ray_local, shapes
     assert images.shape == (2, 3, 16, 16)
 
 
-def test_stopped_run_resumes_when_relaunched(ray_local, shapes16, tmp_path):
+def test_stopped_run_resumes_when_relaunched_then_refuses_other_data_and_stops_on_nan(
+        ray_local, shapes16, tmp_path):
     cmd = [sys.executable, "-m", "raydiff.cli", "train", "--data", str(shapes16),
            "--storage", str(tmp_path), "--name", "relaunch", "--workers", "2", "--preset", "tiny",
            "--set", "optim.total_steps=40"] + [a for o in TINY for a in ("--set", o)]
@@ -124,9 +125,6 @@ def test_stopped_run_resumes_when_relaunched(ray_local, shapes16, tmp_path):
     assert "Reporting training result" not in console
     assert "Reporting training result" in (tmp_path / "relaunch" / "logs" / "ray.log").read_text()
 
-
-def test_resume_checks_and_nan_stop(ray_local, shapes16, tmp_path):
-    run_training(job(shapes16, tmp_path, "nan", "train.ckpt_every=10", total=10))
     # the run's checkpoints were made for 4 classes: a 3-class dataset cannot resume it
     from raydiff.data.prepare import PrepareOptions, prepare_dataset
 
@@ -134,15 +132,17 @@ def test_resume_checks_and_nan_stop(ray_local, shapes16, tmp_path):
     prepare_dataset(PrepareOptions(source="shapes", out=three, resolution=16, num_classes=3,
                                    images_per_class=16))
     with pytest.raises(RaydiffError, match="num_classes: checkpoint 4, requested 3"):
-        prepare_job(job(three, tmp_path, "nan"))
-    # a NaN stops every worker at once, names step and term, and keeps the last checkpoint
+        prepare_job(job(three, tmp_path, "relaunch"))
+    # resumed with a learning rate that overflows: the first non-finite step stops every
+    # worker at once, names step and term, and keeps the last good checkpoint
     with pytest.raises(RaydiffError) as err:
-        run_training(job(shapes16, tmp_path, "nan", "train.ckpt_every=10", "optim.lr=1e30",
-                         "optim.warmup_steps=0", total=30))
+        run_training(job(shapes16, tmp_path, "relaunch", "optim.lr=1e30",
+                         "optim.warmup_steps=0", total=60))
     message = str(err.value)
-    assert "non-finite loss at step 1" in message, message
-    assert "last good checkpoint" in message and "checkpoint_000000010" in message
-    assert find_latest_checkpoint(str(tmp_path), "nan").endswith("checkpoint_000000010")
+    # step 41 still starts from the checkpoint's weights; its update blows them up
+    assert "non-finite loss at step 42: loss=nan" in message, message
+    assert "last good checkpoint" in message and "checkpoint_000000040" in message
+    assert find_latest_checkpoint(str(tmp_path), "relaunch").endswith("checkpoint_000000040")
 
 
 def test_bad_requests_fail_before_any_worker_starts(ray_local, shapes16, tmp_path):

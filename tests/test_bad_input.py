@@ -390,16 +390,15 @@ def tiny_samples(tiny_checkpoint, tmp_path_factory) -> Path:
         _finish,
         claim_output,
         prepare_run,
+        shard_spec,
     )
 
     out = tmp_path_factory.mktemp("samples") / "tiny"
     run = prepare_run(SampleJob(checkpoint=str(tiny_checkpoint), out=str(out), per_class=2,
                                 forward_batch=4, shard_size=4))
     manifest = claim_output(run)
-    actor = ShardActor(str(out), run.plan, checkpoint=run.checkpoint, cfg=run.cfg.to_dict(),
-                       forward_batch=4, threads=1, use_gpu=False,
-                       ema_sha256=run.identity["checkpoint_ema_sha256"])
-    actor({"shard": np.arange(run.plan.num_shards)})
+    actor = ShardActor([shard_spec(run)])
+    actor({"run": np.zeros(run.plan.num_shards), "shard": np.arange(run.plan.num_shards)})
     _finish(run, manifest)
     return out
 

@@ -27,8 +27,11 @@ from raydiff.distributed.sample import (
     ShardActor,
     prepare_run,
     run_sampling,
+    run_samplings,
+    shard_spec,
 )
 from raydiff.engine import Engine, load_for_sampling, open_for_sampling
+from raydiff.errors import RaydiffError
 from raydiff.samplers import sample_aligned, sample_images
 
 FAST = {"per_class": 3, "forward_batch": 4, "shard_size": 8}  # 12 images, 2 shards
@@ -82,9 +85,25 @@ def test_one_and_two_actors_and_two_batch_sizes_give_identical_bytes(
     # with batch 6 (still one shard per call) must write the same files, byte for byte, as
     # must the driver-side writer this replaced, with the same batch 6: not a multiple of the
     # forward batch, so Ray's batches cut blocks, which padding must absorb.
-    two = tmp_path / "two-actors"
-    run_sampling(SampleJob(checkpoint=str(tiny_checkpoint), out=str(two), actors=2,
-                           batch_size=6, **FAST))
+    # ... and beside another run in the same pass (a study samples its runs so): each run's
+    # shards are what it samples alone, whichever network an actor held before
+    from raydiff import config as config_lib
+
+    other = Engine(config_lib.resolve("tiny", overrides=[
+        "model.num_classes=4", "sample.steps=3", "train.seed=7"])).save(
+        tmp_path / "other" / "checkpoint_000000000")
+    two, beside = tmp_path / "two-actors", tmp_path / "other-samples"
+    with pytest.raises(RaydiffError, match="in one pass: they must share actors"):
+        run_samplings([SampleJob(checkpoint=str(other), out=str(beside), **FAST),
+                       SampleJob(checkpoint=str(other), out=str(two), actors=2, **FAST)])
+    with pytest.raises(RaydiffError, match="two sampling requests would write to one folder"):
+        run_samplings([SampleJob(checkpoint=str(other), out=str(two), **FAST),
+                       SampleJob(checkpoint=str(tiny_checkpoint), out=str(two), **FAST)])
+    assert not two.exists()
+    run_samplings([SampleJob(checkpoint=str(other), out=str(beside), actors=2, batch_size=6,
+                             **FAST),
+                   SampleJob(checkpoint=str(tiny_checkpoint), out=str(two), actors=2,
+                             batch_size=6, **FAST)])
     driver = tmp_path / "driver-writes"
     run_sampling(SampleJob(checkpoint=str(tiny_checkpoint), out=str(driver), actors=2,
                            batch_size=6, write_in_actors=False, **FAST))
@@ -100,12 +119,10 @@ def test_one_and_two_actors_and_two_batch_sizes_give_identical_bytes(
                                 batch_size=16, **FAST))
     assert run.shards_per_call == 2
     in_one_call = tmp_path / "one-call"
-    actor = ShardActor(str(in_one_call), run.plan, checkpoint=run.checkpoint,
-                       cfg=run.cfg.to_dict(), forward_batch=4, threads=1, use_gpu=False,
-                       ema_sha256=run.identity["checkpoint_ema_sha256"])
-    rows = actor({"shard": np.array([1, 0])})
+    actor = ShardActor([{**shard_spec(run), "out": str(in_one_call)}])
+    rows = actor({"run": np.array([0, 0]), "shard": np.array([1, 0])})
     assert {k: v.tolist() for k, v in rows.items()} == {
-        "shard": [1, 0], "images": [4, 8],
+        "run": [0, 0], "shard": [1, 0], "images": [4, 8],
         "bytes": [len(expected["shard-00001.parquet"]), len(expected["shard-00000.parquet"])]}
     assert shard_files(in_one_call) == expected
 
@@ -115,6 +132,13 @@ def test_one_and_two_actors_and_two_batch_sizes_give_identical_bytes(
     in_process = sample_aligned(model, GaussianDiffusion(cfg.diffusion), cfg.sample,
                                 np.arange(12), labels, seeds, forward_batch=4)
     np.testing.assert_array_equal(images, in_process)
+    beside_images, beside_labels, beside_seeds = read_samples(beside)
+    model, cfg = load_for_sampling(other)
+    np.testing.assert_array_equal(beside_images, sample_aligned(
+        model, GaussianDiffusion(cfg.diffusion), cfg.sample, np.arange(12), beside_labels,
+        beside_seeds, forward_batch=4))
+    assert not np.array_equal(beside_images, images)
+    assert load_manifest(beside)["identity"]["sampler"]["steps"] == 3
 
     manifest = load_manifest(two)
     assert manifest["complete"] and manifest["num_images"] == 12

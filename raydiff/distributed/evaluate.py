@@ -44,7 +44,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -471,14 +471,26 @@ def _settings(job: EvalJob, per_class_stats: bool) -> dict:
     return out
 
 
-def run_evaluation(job: EvalJob) -> dict:
-    """Extract features, compute the metrics, write metrics.json and metrics.png."""
-    manifest, info = check_job(job)
-    extractor = resolve_extractor(job.features, job.inception_weights, job.download)
-    check_extractor(extractor, info)
-    classifier = extractor.kind == "classifier"
-    runtime.init_ray(job.actors * job.cpus_per_actor)
-    start = time.monotonic()
+# what every job of one ``run_evaluations`` call must share: the reference side and the pool
+SHARED = ("reference", "features", "inception_weights", "download", "actors", "gpus_per_actor",
+          "cpus_per_actor", "batch_size", "reference_per_class", "copying", "cache_dir")
+
+
+@dataclass
+class _Generated:
+    """One job's generated side: its sets and the stream its features go to."""
+
+    job: EvalJob
+    classes: list[int]
+    sets: dict[str, list[int]]
+    cells: np.ndarray
+    per_class_stats: bool
+    stream: GeneratedStream
+    pass_: FeaturePass
+
+
+def _generated_side(job: EvalJob, manifest: dict, info: parquet.DatasetInfo,
+                    extractor: Extractor, name: str) -> _Generated:
     groups = metrics_lib.class_groups(info.counts("train"))
     shots = metrics_lib.shot_groups(info.counts("train"))
     classes = [int(c) for c in manifest["identity"]["classes"]]
@@ -486,39 +498,90 @@ def run_evaluation(job: EvalJob) -> dict:
     cells = accumulate.class_cells(info.num_classes, classes, groups, shots)
     per_class_stats = job.per_class and accumulate.per_class_stats_fit(len(classes),
                                                                        extractor.feature_dim)
-    generated = GeneratedStream(
+    stream = GeneratedStream(
         FeatureStream(cells, extractor.feature_dim, job.metric_subset, GENERATED_SEED,
                       per_class_stats),
         classes, manifest["identity"]["per_class"], sets,
-        logits_dim=extractor.logits_dim if "isc" in job.metrics else None, top1=classifier)
-    # one Ray Data execution for the samples and every reference split not cached
-    cached, passes = reference_features(
-        job, extractor, ("reference", "train") if job.copying else ("reference",),
-        (sample_pass(job, manifest, generated),))
-    features_seconds = time.monotonic() - start
-    ref = reference_stream(job, cached["reference"].rows, cells, per_class_stats)
+        logits_dim=extractor.logits_dim if "isc" in job.metrics else None,
+        top1=extractor.kind == "classifier")
+    pass_ = replace(sample_pass(job, manifest, stream), name=name)
+    return _Generated(job, classes, sets, cells, per_class_stats, stream, pass_)
+
+
+def _result(gen: _Generated, info: parquet.DatasetInfo, extractor: Extractor,
+            cached: dict[str, CachedSplit], ran: list[FeaturePass],
+            seconds: dict[str, float]) -> dict:
+    job = gen.job
+    groups = metrics_lib.class_groups(info.counts("train"))
+    shots = metrics_lib.shot_groups(info.counts("train"))
+    ref = reference_stream(job, cached["reference"].rows, gen.cells, gen.per_class_stats)
     copy_from = (cached["train"].rows, cached["reference"].rows) if job.copying else None
     result = {
         "samples": str(job.samples), "reference": str(job.reference),
         "feature_extractor": {"name": extractor.name, "weights": extractor.path,
                               "weights_sha256": extractor.sha256,
                               "feature_dim": extractor.feature_dim},
-        "settings": _settings(job, per_class_stats),
+        "settings": _settings(job, gen.per_class_stats),
         "groups": {name: [c for c in range(info.num_classes) if groups[c] == g]
                    for g, name in enumerate(GROUPS)},
         "shot_groups": {name: [c for c in range(info.num_classes) if shots[c] == g]
                         for g, name in enumerate(SHOT_GROUPS)},
-        **compute_all(job, generated, ref, sets, classes, copy_from),
+        **compute_all(job, gen.stream, ref, gen.sets, gen.classes, copy_from),
         "reference_cache": "hit" if cached["reference"].hit else "miss",
         # images through the feature extractor, per set (a cached set's are not)
-        "extracted": {p.name: p.expected for p in passes},
-        "seconds": {"features": round(features_seconds, 2),
-                    "metrics": round(time.monotonic() - start - features_seconds, 2)},
+        "extracted": {**{p.name: p.expected for p in ran}, "generated": gen.pass_.expected},
+        "seconds": seconds,
     }
-    if classifier:
-        result["classifier_accuracy"] = classifier_accuracy(generated, info)
-    _write_outputs(Folder(job.out or job.samples), result)
+    if extractor.kind == "classifier":
+        result["classifier_accuracy"] = classifier_accuracy(gen.stream, info)
     return result
+
+
+def run_evaluation(job: EvalJob) -> dict:
+    """Extract features, compute the metrics, write metrics.json and metrics.png."""
+    return run_evaluations([job])[0]
+
+
+def run_evaluations(jobs: list[EvalJob]) -> list[dict]:
+    """Evaluate several sample folders against one reference in one Ray Data execution: one
+    actor pool loads the feature extractor once for all of them (a study's every run), and
+    the reference features are read or extracted once. Each job gets the metrics.json and
+    metrics.png ``run_evaluation`` would write for it alone; the jobs must agree on
+    ``SHARED``."""
+    if not jobs:
+        return []
+    first = jobs[0]
+    for job in jobs[1:]:
+        differ = [k for k in SHARED if getattr(job, k) != getattr(first, k)]
+        if differ:
+            raise RaydiffError(f"evaluations of {first.samples} and {job.samples} in one pass "
+                               f"must share {', '.join(differ)}")
+    outs = [job.out or job.samples for job in jobs]
+    if len(set(outs)) != len(outs):
+        raise RaydiffError(f"two evaluations would write to one folder: {outs}")
+    checked = [check_job(job) for job in jobs]
+    extractor = resolve_extractor(first.features, first.inception_weights, first.download)
+    info = checked[0][1]
+    check_extractor(extractor, info)
+    runtime.init_ray(first.actors * first.cpus_per_actor)
+    start = time.monotonic()
+    sides = [_generated_side(job, manifest, info, extractor,
+                             "generated" if len(jobs) == 1 else f"generated ({job.samples})")
+             for job, (manifest, _) in zip(jobs, checked)]
+    # one Ray Data execution for every job's samples and every reference split not cached
+    cached, passes = reference_features(
+        first, extractor, ("reference", "train") if first.copying else ("reference",),
+        tuple(side.pass_ for side in sides))
+    ran = [p for p in passes if all(p is not side.pass_ for side in sides)]
+    features_seconds = time.monotonic() - start
+    results = []
+    for side in sides:
+        started, seconds = time.monotonic(), {"features": round(features_seconds, 2)}
+        result = _result(side, info, extractor, cached, ran, seconds)
+        seconds["metrics"] = round(time.monotonic() - started, 2)
+        _write_outputs(Folder(side.job.out or side.job.samples), result)
+        results.append(result)
+    return results
 
 
 def classifier_accuracy(gen: GeneratedStream, info: parquet.DatasetInfo) -> dict:

@@ -184,26 +184,40 @@ class SampleActor:
                 "image": self.png(index, label, seed)}
 
 
-class ShardActor(SampleActor):
-    """Ray Data actor: samples whole shards and writes each to the output folder itself;
-    returns one small row per shard written (shard, images, bytes)."""
+class ShardActor:
+    """Ray Data actor: samples whole shards and writes each to its run's output folder itself;
+    returns one small row per shard written (run, shard, images, bytes).
 
-    def __init__(self, out: str, plan: SamplePlan, **actor_kwargs):
-        super().__init__(**actor_kwargs)
-        self.out, self.plan = Folder(out), plan
+    ``runs`` holds, per run, its output folder, plan and ``SampleActor`` arguments: the shards
+    of several runs (``run_samplings``, a study's every run) go through one actor pool. An
+    actor holds the network of the run whose shard it sampled last and loads another when a
+    shard of another run comes (the rows come ordered by run)."""
+
+    def __init__(self, runs: list[dict]):
+        self.runs = runs
+        self.current: tuple[int, SampleActor] | None = None
+
+    def sampler(self, run: int) -> SampleActor:
+        if self.current is None or self.current[0] != run:
+            self.current = None  # the last run's network goes before the next one loads
+            self.current = (run, SampleActor(**self.runs[run]["actor"]))
+        return self.current[1]
 
     def __call__(self, batch: dict) -> dict:
         shards = np.asarray(batch["shard"], np.int64)
+        runs = np.asarray(batch["run"], np.int64)
         images, sizes = np.zeros(len(shards), np.int64), np.zeros(len(shards), np.int64)
-        for k, shard in enumerate(shards.tolist()):
-            start, stop = self.plan.shard_bounds(shard)
+        for k, (run, shard) in enumerate(zip(runs.tolist(), shards.tolist())):
+            spec, sampler = self.runs[run], self.sampler(run)
+            plan = spec["plan"]
+            start, stop = plan.shard_bounds(shard)
             index = np.arange(start, stop, dtype=np.int64)
-            label, seed = self.plan.labels(index), self.plan.seeds(index)
+            label, seed = plan.labels(index), plan.seeds(index)
             columns = {"index": index, "label": label, "seed": seed,
-                       "image": self.png(index, label, seed)}
-            sizes[k] = write_shard(self.out, shard, columns, start, stop)
+                       "image": sampler.png(index, label, seed)}
+            sizes[k] = write_shard(Folder(spec["out"]), shard, columns, start, stop)
             images[k] = stop - start
-        return {"shard": shards.copy(), "images": images, "bytes": sizes}
+        return {"run": runs.copy(), "shard": shards.copy(), "images": images, "bytes": sizes}
 
 
 # --- checking a request -----------------------------------------------------------------------
@@ -426,6 +440,12 @@ def _actor_kwargs(run: SampleRun) -> dict:
             "ema_sha256": run.identity["checkpoint_ema_sha256"]}
 
 
+def shard_spec(run: SampleRun) -> dict:
+    """What a ``ShardActor`` needs of a run. The actors need the absolute output path: their
+    working directory is not the driver's."""
+    return {"out": Folder(run.job.out).uri(""), "plan": run.plan, "actor": _actor_kwargs(run)}
+
+
 def _actor_pool(job: SampleJob) -> dict:
     import ray
 
@@ -433,19 +453,16 @@ def _actor_pool(job: SampleJob) -> dict:
             "num_cpus": job.cpus_per_actor, "num_gpus": job.gpus_per_actor or None}
 
 
-def build_pipeline(run: SampleRun, todo: list[int]):
-    """The Ray Data dataset that samples and writes the shards ``todo`` (lazy: nothing runs
-    until it is iterated); one row per shard written."""
+def build_pipeline(runs: list[SampleRun], todo: list[list[int]]):
+    """The Ray Data dataset that samples and writes the shards ``todo[i]`` of each run
+    ``runs[i]`` (lazy: nothing runs until it is iterated); one row per shard written."""
     import ray
 
+    rows = [{"run": i, "shard": shard} for i, shards in enumerate(todo) for shard in shards]
     # one block per shard, so that the pool hands out shards one call (or a few) at a time
-    ds = ray.data.from_items([{"shard": shard} for shard in todo],
-                             override_num_blocks=len(todo))
-    # the actors need the absolute output path: their working directory is not the driver's
-    out = Folder(run.job.out).uri("")
-    ds = ds.map_batches(ShardActor, fn_constructor_kwargs={"out": out, "plan": run.plan,
-                                                           **_actor_kwargs(run)},
-                        batch_size=run.shards_per_call, **_actor_pool(run.job))
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(ShardActor, fn_constructor_kwargs={"runs": [shard_spec(r) for r in runs]},
+                        batch_size=runs[0].shards_per_call, **_actor_pool(runs[0].job))
     return runtime.quiet(ds)
 
 
@@ -467,42 +484,70 @@ def build_image_pipeline(run: SampleRun, skip: frozenset):
     return runtime.quiet(ds)
 
 
-def _sample_shards(run: SampleRun, done: set[int]) -> None:
-    """Run the pipeline over the shards not in ``done``."""
-    todo = sorted(set(range(run.plan.num_shards)) - done)
-    if run.job.write_in_actors:
-        if len(todo) < run.job.actors:
+def _sample_shards(runs: list[SampleRun], todo: list[list[int]]) -> None:
+    """Run the pipeline over the shards ``todo[i]`` of each run ``runs[i]``."""
+    job = runs[0].job
+    if job.write_in_actors:
+        total = sum(len(t) for t in todo)
+        if total < job.actors:
             logger.info("sample: %d shards to sample and %d actors: %d of them stay idle (a "
-                        "smaller --shard-size spreads a set over more actors)", len(todo),
-                        run.job.actors, run.job.actors - len(todo))
-        progress = Progress(len(todo))
-        for batch in build_pipeline(run, todo).iter_batches(batch_size=None,
-                                                            batch_format="numpy"):
+                        "smaller --shard-size spreads a set over more actors)", total,
+                        job.actors, job.actors - total)
+        progress = Progress(total)
+        for batch in build_pipeline(runs, todo).iter_batches(batch_size=None,
+                                                             batch_format="numpy"):
             for shard, images, nbytes in zip(batch["shard"], batch["images"], batch["bytes"]):
                 progress.shard_written(int(shard), int(images), int(nbytes))
         return
-    writer = ShardWriter(run.job.out, run.plan, len(todo))
-    for batch in build_image_pipeline(run, frozenset(done)).iter_batches(batch_size=None,
-                                                                         batch_format="numpy"):
-        writer.add(batch)
+    for run, shards in zip(runs, todo):
+        done = frozenset(set(range(run.plan.num_shards)) - set(shards))
+        writer = ShardWriter(run.job.out, run.plan, len(shards))
+        for batch in build_image_pipeline(run, done).iter_batches(batch_size=None,
+                                                                  batch_format="numpy"):
+            writer.add(batch)
+
+
+# what every job of one ``run_samplings`` call must share: the actor pool and its calls
+POOL = ("actors", "gpus_per_actor", "cpus_per_actor", "batch_size", "shard_size",
+        "write_in_actors")
 
 
 def run_sampling(job: SampleJob) -> SampleResult:
     """Sample what ``job.out`` lacks, then write the requested export and the manifest."""
-    run = prepare_run(job)
-    manifest = claim_output(run)
-    done = finished_shards(job.out, run.plan)
-    todo = run.plan.num_shards - len(done)
+    return run_samplings([job])[0]
+
+
+def run_samplings(jobs: list[SampleJob]) -> list[SampleResult]:
+    """Several sampling requests (each its checkpoint and output) through one actor pool, in
+    one Ray Data execution: a study samples every run this way. Each output gets what
+    ``run_sampling`` would write for its job alone (the same bytes: an image depends on its
+    seed, label and forward-block position only); the jobs must agree on ``POOL``."""
+    if not jobs:
+        return []
+    for job in jobs[1:]:
+        differ = [k for k in POOL if getattr(job, k) != getattr(jobs[0], k)]
+        if differ:
+            raise RaydiffError(f"sampling {jobs[0].out} and {job.out} in one pass: they must "
+                               f"share {', '.join(differ)}")
+    outs = [Folder(job.out).uri("") for job in jobs]
+    if len(set(outs)) != len(outs):
+        raise RaydiffError(f"two sampling requests would write to one folder: {outs}")
+    runs = [prepare_run(job) for job in jobs]
+    manifests = [claim_output(run) for run in runs]
+    done = [finished_shards(run.job.out, run.plan) for run in runs]
+    todo = [sorted(set(range(run.plan.num_shards)) - d) for run, d in zip(runs, done)]
     start = time.monotonic()
-    if todo:
-        logger.info("sample: %d of %d shards to sample (%d on disk) into %s", todo,
-                    run.plan.num_shards, len(done), job.out)
-        runtime.init_ray(job.actors * job.cpus_per_actor)
-        _sample_shards(run, done)
-        missing = set(range(run.plan.num_shards)) - finished_shards(job.out, run.plan)
-        if missing:
-            raise RaydiffError(f"sampling ended with {len(missing)} shards missing "
-                               f"(first: {min(missing)}); rerun the same command")
+    if any(todo):
+        for run, shards, d in zip(runs, todo, done):
+            logger.info("sample: %d of %d shards to sample (%d on disk) into %s", len(shards),
+                        run.plan.num_shards, len(d), run.job.out)
+        runtime.init_ray(jobs[0].actors * jobs[0].cpus_per_actor)
+        _sample_shards(runs, todo)
+        for run in runs:
+            missing = set(range(run.plan.num_shards)) - finished_shards(run.job.out, run.plan)
+            if missing:
+                raise RaydiffError(f"sampling {run.job.out} ended with {len(missing)} shards "
+                                   f"missing (first: {min(missing)}); rerun the same command")
     seconds = time.monotonic() - start
-    manifest = _finish(run, manifest)
-    return SampleResult(str(job.out), manifest, todo, len(done), seconds)
+    return [SampleResult(str(run.job.out), _finish(run, manifest), len(shards), len(d), seconds)
+            for run, manifest, shards, d in zip(runs, manifests, todo, done)]

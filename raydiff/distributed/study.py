@@ -39,9 +39,9 @@ from raydiff.data import parquet
 from raydiff.data.prepare import builtin_dataset
 from raydiff.distributed import runtime
 from raydiff.distributed.demo import feature_classifier
-from raydiff.distributed.evaluate import METRICS_FILE, EvalJob, run_evaluation
+from raydiff.distributed.evaluate import METRICS_FILE, EvalJob, run_evaluations
 from raydiff.distributed.runtime import find_latest_checkpoint, latest_step
-from raydiff.distributed.sample import SampleJob, run_sampling
+from raydiff.distributed.sample import SampleJob, run_samplings
 from raydiff.distributed.train import (
     TrainJob,
     build_trainer,
@@ -277,32 +277,34 @@ def resolve_features(job: StudyJob) -> tuple[str, str | None]:
 
 
 def sample_and_evaluate(job: StudyJob, features: str, weights: str | None) -> list[dict]:
-    """Sample and evaluate every run (a run whose metrics.json exists is read back)."""
+    """Sample and evaluate every run (a run whose metrics.json exists is read back): all runs'
+    sampling in one pass of one actor pool, then all their evaluations in another, so each
+    pool starts once and the feature extractor loads once per actor for the whole study."""
+    cells = [(variant, seed, job.run_name(variant.label, seed))
+             for variant in job.variants for seed in job.seeds]
+    todo = [name for _, _, name in cells
+            if not (job.dir / "eval" / name / METRICS_FILE).is_file()]
+    checkpoints = {name: find_latest_checkpoint(job.runs_storage, name) for _, _, name in cells}
+    pool = {"actors": job.actors, "cpus_per_actor": job.cpus_per_actor,
+            "gpus_per_actor": job.gpus_per_actor}
+    # the same per-class count, sampler and seeds for every run: the noise that starts
+    # image i is the same whichever method drew it
+    run_samplings([SampleJob(checkpoint=checkpoints[name], out=str(job.dir / "samples" / name),
+                             per_class=job.per_class, seed=0, **pool) for name in todo])
+    results = dict(zip(todo, run_evaluations([EvalJob(
+        samples=str(job.dir / "samples" / name), reference=job.data, groups=True,
+        features=features, inception_weights=weights, download=job.download,
+        reference_per_class=job.reference_per_class, out=str(job.dir / "eval" / name), **pool)
+        for name in todo])))
     runs = []
-    for variant in job.variants:
-        for seed in job.seeds:
-            name = job.run_name(variant.label, seed)
-            checkpoint = find_latest_checkpoint(job.runs_storage, name)
-            samples, out = job.dir / "samples" / name, job.dir / "eval" / name
-            if (out / METRICS_FILE).is_file():
-                result = json.loads((out / METRICS_FILE).read_text())
-            else:
-                # the same per-class count, sampler and seeds for every run: the noise that
-                # starts image i is the same whichever method drew it
-                run_sampling(SampleJob(
-                    checkpoint=checkpoint, out=str(samples), per_class=job.per_class,
-                    actors=job.actors, cpus_per_actor=job.cpus_per_actor,
-                    gpus_per_actor=job.gpus_per_actor, seed=0))
-                result = run_evaluation(EvalJob(
-                    samples=str(samples), reference=job.data, groups=True, features=features,
-                    inception_weights=weights, download=job.download, actors=job.actors,
-                    cpus_per_actor=job.cpus_per_actor, gpus_per_actor=job.gpus_per_actor,
-                    reference_per_class=job.reference_per_class, out=str(out)))
-            runs.append({"variant": variant.label, "seed": seed, "run": name,
-                         "checkpoint": checkpoint, "samples": str(samples),
-                         "metrics": {s: {k: v.get(k) for k, *_ in METRICS}
-                                     for s, v in result["sets"].items()},
-                         "feature_extractor": result["feature_extractor"]["name"]})
+    for variant, seed, name in cells:
+        result = results.get(name) or json.loads(
+            (job.dir / "eval" / name / METRICS_FILE).read_text())
+        runs.append({"variant": variant.label, "seed": seed, "run": name,
+                     "checkpoint": checkpoints[name], "samples": str(job.dir / "samples" / name),
+                     "metrics": {s: {k: v.get(k) for k, *_ in METRICS}
+                                 for s, v in result["sets"].items()},
+                     "feature_extractor": result["feature_extractor"]["name"]})
     return runs
 
 

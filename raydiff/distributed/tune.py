@@ -42,7 +42,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "loss.temperature": {"choice": [0.05, 0.1, 0.2]},
 }
 KINDS = ("uniform", "loguniform", "choice", "grid")
-LOSS_METRICS = ("loss", "ddpm", "ucl", "al", "cbdm")
+LOSS_METRICS = ("loss", "ddpm", "flow", "ucl", "al", "cbdm", "dispersive", "diffrop")
 SAMPLE_METRICS = ("copy_rate", "diversity")  # with their _head / _body / _tail versions
 
 

@@ -189,7 +189,8 @@ def test_ccua_on_sit_equals_the_released_formula():
 
 
 class LabelVelocity(nn.Module):
-    """v = the label, everywhere; features = the input. Records every forward."""
+    """v = the label, everywhere; features = the label one-hot (so every unconditional row
+    has the same features). Records every forward."""
 
     null_label = 4
 
@@ -201,12 +202,13 @@ class LabelVelocity(nn.Module):
     def forward(self, x, t, y, return_features=False):
         self.calls.append(y.clone())
         out = self.scale * y.float().reshape(-1, 1, 1, 1).expand_as(x)
-        return (out, x.flatten(1)) if return_features else out
+        return (out, F.one_hot(y, 5).float()) if return_features else out
 
 
 @pytest.mark.parametrize("end", ["data", "noise"])
 def test_alignment_weight_follows_the_configured_end(end):
-    """v_c = y, v_u = 4: AL = mean_i w(t_i) (y_i - 4)^2 with w = t (data, released) or 1 - t."""
+    """v_c = y, v_u = 4: AL = mean_i w(t_i) (y_i - 4)^2 with w = t (data, released) or 1 - t;
+    the unconditional features all equal, so s_ij = 1 and UCL = mean_i w(t_i) log B."""
     model, B = LabelVelocity(), 16
     y = torch.arange(B) % 4
     cfg = LossConfig(label_dropout=0.0, flow_weight_end=end)
@@ -215,6 +217,7 @@ def test_alignment_weight_follows_the_configured_end(end):
     t = torch.rand(B, generator=torch.Generator().manual_seed(0))
     w = t if end == "data" else 1 - t
     assert terms["al"].item() == pytest.approx((w * (y.float() - 4) ** 2).mean().item(), rel=1e-5)
+    assert terms["ucl"].item() == pytest.approx(w.mean().item() * math.log(B), rel=1e-5)
 
 
 def _released_disp(z: torch.Tensor) -> torch.Tensor:

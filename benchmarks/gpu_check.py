@@ -37,7 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from raydiff import config as config_lib
-from raydiff.diffusion import GaussianDiffusion
+from raydiff.diffusion import make_process
 from raydiff.engine import Engine
 from raydiff.samplers import sample_aligned
 
@@ -111,7 +111,7 @@ def sample_row(compiled: bool, args, device: torch.device) -> dict:
         "sample.sampler=ddim", f"sample.steps={args.sample_steps}", "sample.guidance=1.5"])
     model = Engine(cfg, device).ema.model.eval()
     net = torch.compile(model) if compiled else model  # attributes reach the module
-    diffusion = GaussianDiffusion(cfg.diffusion)
+    diffusion = make_process(cfg.diffusion)
 
     def run(n: int, offset: int) -> None:
         index = np.arange(offset, offset + n, dtype=np.int64)

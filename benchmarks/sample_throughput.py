@@ -40,7 +40,7 @@ import torch
 
 from raydiff import config as config_lib
 from raydiff.data.images import encode_png_batch
-from raydiff.diffusion import GaussianDiffusion
+from raydiff.diffusion import make_process
 from raydiff.distributed import runtime
 from raydiff.distributed.sample import SampleJob, prepare_run, resolve_checkpoint, run_sampling
 from raydiff.engine import Engine, load_for_sampling
@@ -59,7 +59,7 @@ def run_loop(job: SampleJob, device: str) -> dict[str, float]:
     start, cpu = time.perf_counter(), time.process_time()
     run = prepare_run(job)
     model, _ = load_for_sampling(run.checkpoint, device=device)
-    diffusion = GaussianDiffusion(run.cfg.diffusion)
+    diffusion = make_process(run.cfg.diffusion)
     plan = run.plan
     for first in range(0, plan.num_images, job.forward_batch):
         indices = np.arange(first, min(first + job.forward_batch, plan.num_images))

@@ -15,9 +15,13 @@ of the window (what raydiff does), and the same with ``train.compile=true`` (ski
 ``--no-compile``; ``--warmup`` untimed windows of every configuration first, which hold the
 compiles).
 
+Under a flow-matching preset (SiT) the cases are plain flow matching, CCUA (its unconditional
+rows padded and unpadded), Dispersive Loss and diffrop, and the ratio is to plain flow matching.
+
     python benchmarks/train_step.py                      # cifar32, CPU: batch 8
     python benchmarks/train_step.py --preset tiny-vpred --batch-size 64   # the demo's step
     python benchmarks/train_step.py --device cuda --batch-size 128 --bf16
+    python benchmarks/train_step.py --preset sit-s2-imagenet-lt-256 --batch-size 8 --no-compile
 """
 
 from __future__ import annotations
@@ -32,15 +36,28 @@ from raydiff import config as config_lib
 from raydiff import losses
 from raydiff.engine import Engine
 
-CASES = {
-    "ddpm": ["loss.method=ddpm"],
-    "ccua t_align=0": ["loss.method=ccua", "loss.ucl_weight=1", "loss.al_weight=1",
-                       "loss.t_align=0"],
-    "ccua t_align=T/2": ["loss.method=ccua", "loss.ucl_weight=1", "loss.al_weight=1",
-                         "loss.t_align=500"],
-}
 UNPADDED = "ccua unpadded"  # t_align=0, one unconditional row count per step
-CASES[UNPADDED] = CASES["ccua t_align=0"]
+# The first case of a process is the baseline of its ratios; COMPARED is the CCUA case the
+# second table times against it.
+CASES = {
+    "ddpm": {
+        "ddpm": ["loss.method=ddpm"],
+        "ccua t_align=0": ["loss.method=ccua", "loss.ucl_weight=1", "loss.al_weight=1",
+                           "loss.t_align=0"],
+        "ccua t_align=T/2": ["loss.method=ccua", "loss.ucl_weight=1", "loss.al_weight=1",
+                             "loss.t_align=500"],
+        UNPADDED: ["loss.method=ccua", "loss.ucl_weight=1", "loss.al_weight=1",
+                   "loss.t_align=0"],
+    },
+    "flow": {
+        "flow": ["loss.method=ddpm"],
+        "ccua": ["loss.method=ccua"],  # the preset's weights; the cost does not depend on them
+        UNPADDED: ["loss.method=ccua"],
+        "dispersive": ["loss.method=dispersive"],
+        "diffrop": ["loss.method=diffrop"],
+    },
+}
+COMPARED = {"ddpm": "ccua t_align=T/2", "flow": "ccua"}
 
 
 def _sync(device: torch.device) -> None:
@@ -65,15 +82,19 @@ def main() -> None:
     device = torch.device(args.device)
     common = [f"optim.batch_size={args.batch_size}", "optim.warmup_steps=0",
               f"train.bf16={args.bf16}", f"train.channels_last={args.channels_last}"]
+    process = config_lib.preset(args.preset).diffusion.process
+    cases = CASES[process]
     engines = {name: Engine(config_lib.resolve(args.preset, overrides=common + extra), device)
-               for name, extra in CASES.items()}
-    res = engines["ddpm"].cfg.model.resolution
+               for name, extra in cases.items()}
+    base_name = next(iter(cases))
+    model_cfg = engines[base_name].cfg.model
+    res = model_cfg.resolution
     g = torch.Generator().manual_seed(0)
-    x0 = (torch.rand(args.batch_size, 3, res, res, generator=g) * 2 - 1).to(device)
-    y = torch.randint(0, engines["ddpm"].cfg.model.num_classes, (args.batch_size,),
-                      generator=g).to(device)
+    x0 = (torch.rand(args.batch_size, model_cfg.in_channels, res, res, generator=g) * 2 - 1
+          ).to(device)
+    y = torch.randint(0, model_cfg.num_classes, (args.batch_size,), generator=g).to(device)
 
-    times: dict[str, list[float]] = {name: [] for name in CASES}
+    times: dict[str, list[float]] = {name: [] for name in cases}
     padded = losses.UNCOND_ROW_MULTIPLE
     for i in range(args.warmup + args.steps):
         for name, engine in engines.items():
@@ -87,21 +108,23 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU, {torch.get_num_threads()} threads")
-    print(f"preset={args.preset} batch={args.batch_size} device={name} bf16={args.bf16} "
-          f"channels_last={args.channels_last} steps={args.steps}")
-    base = statistics.median(times["ddpm"])
-    print(f"{'configuration':<18} {'median s/step':>14} {'images/s':>10} {'vs ddpm':>8}")
+    print(f"preset={args.preset} ({model_cfg.backbone}, {process}) batch={args.batch_size} "
+          f"device={name} bf16={args.bf16} channels_last={args.channels_last} "
+          f"steps={args.steps}")
+    base = statistics.median(times[base_name])
+    print(f"{'configuration':<18} {'median s/step':>14} {'images/s':>10} {'vs ' + base_name:>8}")
     for case, ts in times.items():
         med = statistics.median(ts)
         print(f"{case:<18} {med:>14.4f} {args.batch_size / med:>10.1f} {med / base:>7.2f}x")
     print()
-    sync_and_compile(args, device, common, x0, y)
+    sync_and_compile(args, device, common, x0, y, process)
 
 
 def sync_and_compile(args, device: torch.device, common: list[str], x0: torch.Tensor,
-                     y: torch.Tensor) -> None:
+                     y: torch.Tensor, process: str) -> None:
     """Windows of steps: per-step host reads vs one collect per window, eager vs compiled."""
-    methods = {"ddpm": CASES["ddpm"], "ccua": CASES["ccua t_align=T/2"]}
+    cases = CASES[process]
+    methods = {"plain": next(iter(cases.values())), "ccua": cases[COMPARED[process]]}
     variants = [("per-step sync", False, True), ("no per-step sync", False, False)]
     if not args.no_compile:
         variants.append(("compiled, no sync", True, False))

@@ -294,12 +294,15 @@ def _add_sample(sub) -> None:
     p.add_argument("--per-class", type=int, required=True, help="images per class")
     p.add_argument("--classes", type=_int_list, help="comma-separated class indices "
                                                      "(default: all)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"),
-                   help="default: the checkpoint config's sample.sampler")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun", "sde"),
+                   help="ddim or ddpm for DDPM checkpoints; euler, heun (ODE) or sde for flow "
+                        "matching ones (default: the checkpoint config's sample.sampler)")
     alias(p.add_argument, "--sample-steps", old=("--steps",), dest="sample_steps", type=int,
-                   help="DDIM steps (default: the checkpoint config's sample.steps)")
+                   help="DDIM steps, or the flow sampler's integration steps (default: the "
+                        "checkpoint config's sample.steps)")
     p.add_argument("--guidance", type=float,
-                   help="classifier-free guidance w in eps_c + w (eps_c - eps_u); 0 = none "
+                   help="classifier-free guidance w in eps_c + w (eps_c - eps_u) (velocities "
+                        "under flow matching); 0 = none "
                         "(default: the checkpoint config's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the network in each actor (default: the checkpoint "

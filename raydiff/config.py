@@ -14,6 +14,9 @@ Presets, and where their values come from (the authors' released CCUA-DDPM code)
 - ``tiny``: no paper recipe; a small network that trains on 2 CPU cores (tests).
 - ``tiny-vpred``: no paper recipe; ``tiny`` with v-prediction, min-SNR weighting, batch 64,
   attention only in the middle block and guidance 5, the recipe with which ``raydiff demo`` draws its shapes.
+- ``sit-s2-imagenet-lt-256``: the released CCUA-SiT script ``ccua_N-4_brs0_1_160epoch.sh``
+  (SiT-S/2 on 32x32x4 SD-VAE latents of 256 px images, flow matching, CCUA 0.05 / 0.05).
+- ``sit-tiny``: no paper recipe; a 2-block SiT on 16 px images that trains on 2 CPU cores.
 
 Known differences from the released code are listed in ``docs/METHOD.md``.
 """
@@ -30,7 +33,12 @@ from typing import Any
 
 from raydiff.errors import RaydiffError
 
-METHODS = ("ddpm", "cbdm", "ccua")
+METHODS = ("ddpm", "cbdm", "ccua", "dispersive", "diffrop")
+BACKBONES = ("unet", "sit")
+PROCESSES = ("ddpm", "flow")
+# samplers of each noise process (raydiff/samplers.py)
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun", "sde")}
+FLOW_WEIGHT_ENDS = ("data", "noise")
 DDIM_LAST_STEPS = ("x0", "identity")
 PREDICTIONS = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
@@ -38,28 +46,41 @@ LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The DDPM UNet of Ho et al. (pytorch-ddpm / CBDM / CCUA), class-conditional.
+    """The network: the DDPM UNet of Ho et al. (pytorch-ddpm / CBDM / CCUA) or SiT (Ma et al.
+    2024, the released CCUA-SiT ``models.py``), class-conditional.
 
-    Defaults are the released ``main.py`` flags (``--ch 128 --ch_mult 1 2 2 2 --attn 1
+    UNet defaults are the released ``main.py`` flags (``--ch 128 --ch_mult 1 2 2 2 --attn 1
     --num_res_blocks 2 --dropout 0.1``); ``--attn 1`` names level 1, the 16x16 maps at 32 px.
+    SiT defaults are SiT-S/2 (B/2: 12, 768, 12; L/2: 24, 1024, 16; XL/2: 28, 1152, 16).
+    Each backbone reads its own fields and ignores the other's.
     """
 
-    resolution: int = 32  # image side in pixels (main.py --img_size)
-    in_channels: int = 3
+    backbone: str = "unet"  # unet | sit
+    resolution: int = 32  # input side: pixels (main.py --img_size), or latent side for SiT
+    in_channels: int = 3  # 3 for images, 4 for SD-VAE latents
     num_classes: int = 10  # real classes; index num_classes is the learned null label
     ch: int = 128  # base channels; the time embedding is 4 * ch wide
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)  # channel multiplier per resolution level
     attn_resolutions: tuple[int, ...] = (16,)  # feature-map sides that get self-attention
     num_res_blocks: int = 2  # residual blocks per level on the way down
     dropout: float = 0.1
+    # SiT (backbone = sit)
+    depth: int = 12  # transformer blocks
+    hidden_size: int = 384  # token width
+    num_heads: int = 6
+    patch_size: int = 2  # tokens are patch_size x patch_size patches of the input
+    mlp_ratio: float = 4.0
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Noise process of DDPM: linear betas over T steps (main.py --T --beta_1 --beta_T), what
-    the network predicts and how the denoising loss weighs timesteps. The released recipe is
-    eps-prediction with uniform weighting; the others are options (docs/METHOD.md)."""
+    """The noise process. ``ddpm``: linear betas over T steps (main.py --T --beta_1 --beta_T),
+    what the network predicts and how the denoising loss weighs timesteps; the released recipe
+    is eps-prediction with uniform weighting, the others are options (docs/METHOD.md).
+    ``flow``: SiT's linear interpolant x_t = t x1 + (1 - t) x0 (t = 1 data, t = 0 noise) with
+    velocity prediction (raydiff/flow.py); the DDPM-only keys below do not apply to it."""
 
+    process: str = "ddpm"  # ddpm | flow
     num_timesteps: int = 1000  # T
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -89,6 +110,17 @@ class LossConfig:
     ucl_group_size: int = 32
     global_negatives: bool = False  # one UCL group: the whole global batch (overrides the above)
     cbdm_tau: float = 1.0  # CBDM regulariser weight tau_cb
+    # Under the flow process the UCL/AL (and diffrop) weight is t^p or (1 - t)^p: "data" is
+    # t^p, largest near the data end (t = 1), what the released CCUA-SiT transport.py
+    # computes; "noise" is (1 - t)^p, largest at the noise end, the end the UNet's t/T favours.
+    flow_weight_end: str = "data"  # data | noise
+    # Dispersive Loss (Wang & He 2025), InfoNCE-L2 as released: 0.25 log mean_ij
+    # exp(-|z_i - z_j|^2 / (D tau)) over all B^2 pairs of the batch (transport.py disp_loss).
+    dispersive_weight: float = 0.25
+    dispersive_temperature: float = 1.0  # tau; the released code divides by D only
+    # diffrop: weight / (1 + d), d = mean_i w(t_i) [y_i != y_pi(i)] |out_i - out_pi(i)|^2 over
+    # a random pairing pi (transport.py); 0.1 is the released train.py's --diffrop default.
+    diffrop_weight: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -114,14 +146,17 @@ class SampleConfig:
     """Sampler used for previews and evaluation (released: DDIM-100, w = 1.5; main.py's
     ``--ddim_skip_step 10 --omega 1.5``)."""
 
-    sampler: str = "ddim"  # ddim | ddpm
-    steps: int = 100
+    sampler: str = "ddim"  # ddim | ddpm (process ddpm); euler | heun | sde (process flow)
+    steps: int = 100  # sampling steps (flow: integration steps of the ODE or SDE)
     eta: float = 0.0
-    guidance: float = 1.5  # CFG weight w in eps_c + w (eps_c - eps_u)
+    guidance: float = 1.5  # CFG weight w in eps_c + w (eps_c - eps_u) (flow: v_c + w (v_c - v_u))
     clip_x0: bool = False  # clamp each step's x0 prediction to [-1, 1] (clip_denoised)
     # DDIM's step from t = 0: "x0" returns the clean x0 prediction; "identity" keeps x_0 with
     # its sqrt(1 - alpha_bar_0) eps = 0.01 eps of noise, as the released sampler does.
     ddim_last_step: str = "x0"
+    # The flow SDE sampler integrates to t = 1 - sde_last_step and takes its last step without
+    # noise (SiT's sample_ddp.py defaults: --last-step Mean --last-step-size 0.04).
+    sde_last_step: float = 0.04
     # torch.compile the network in each `raydiff sample` actor (inductor; it compiles on the
     # first call, tens of seconds, then every call reuses it: the batch shape never changes).
     # Compiled kernels round differently from eager ones, so it is part of a sample run's
@@ -228,11 +263,66 @@ def _imagenet64() -> Config:
     )
 
 
+# ImageNet-LT as the released CCUA-SiT code builds it (lt_dataset.py ImbalanceImageNet,
+# --imb-factor 0.01): the exponential profile cut from ImageNet's 1,281,167 training images,
+# 1281 ... 12 a class, 275,288 images; the standard list split has 115,846.
+RELEASED_IMAGENET_LT_IMAGES = 275_288
+
+
+def _sit_s2_imagenet_lt_256() -> Config:
+    # The released CCUA-SiT run (ccua_N-4_brs0_1_160epoch.sh, train.py, models.py):
+    # SiT-S/2 on the 32x32x4 SD-VAE latents of 256 px images, 1000 classes, linear-interpolant
+    # flow matching with velocity prediction, AdamW lr 1e-4 without weight decay, no warm-up,
+    # no gradient clipping, EMA 0.9999, label dropout 0.1 per row, BRS 0.1, CCUA 0.05 / 0.05
+    # with the t weight of the released transport.py (the data end).
+    # Batch: --global-batch-size 48 on 4 GPUs, so UCL saw the 12 rows of one GPU (group 12).
+    # Steps: 160 epochs. The released data (275,288 images) make 5,735 steps an epoch per GPU
+    # (DistributedSampler: ceil(275288 / 4) = 68,822 rows, 12 a step, drop_last), 917,600 in
+    # all, the step in the released checkpoint's name. On the standard ImageNet-LT list
+    # (115,846 images) 160 epochs at batch 48 are 386,154 steps (72,404 at SiT's batch 256):
+    # set optim.total_steps for that data.
+    # Sampling: the released sample_eval_pipe.sh integrates the ODE with dopri5 (adaptive,
+    # torchdiffeq, 50 output times, atol 1e-6, rtol 1e-3) at --cfg-scale 7.5, i.e. v_u + 7.5
+    # (v_c - v_u) = v_c + 6.5 (v_c - v_u). raydiff has no adaptive solver (its step sizes
+    # would depend on the other images of a batch): Heun with 50 steps, w = 6.5.
+    steps_per_epoch = -(-RELEASED_IMAGENET_LT_IMAGES // 4) // 12
+    return Config(
+        preset="sit-s2-imagenet-lt-256",
+        model=ModelConfig(backbone="sit", resolution=32, in_channels=4, num_classes=1000,
+                          depth=12, hidden_size=384, num_heads=6, patch_size=2),
+        diffusion=DiffusionConfig(process="flow"),
+        loss=LossConfig(method="ccua", ucl_weight=0.05, al_weight=0.05, ucl_group_size=12,
+                        flow_weight_end="data"),
+        optim=OptimConfig(optimizer="adamw", lr=1e-4, weight_decay=0.0, warmup_steps=0,
+                          grad_clip=0.0, ema_decay=0.9999, batch_size=48,
+                          total_steps=160 * steps_per_epoch),
+        sample=SampleConfig(sampler="heun", steps=50, guidance=6.5),
+        train=TrainConfig(resample_factor=0.1, ckpt_every=50_000),
+    )
+
+
+def _sit_tiny() -> Config:
+    # Not a paper recipe: a 2-block SiT of width 64 (patch 2, 64 tokens at 16 px) with flow
+    # matching and CCUA, small enough to train on 2 CPU cores (tests, benchmarks).
+    return Config(
+        preset="sit-tiny",
+        model=ModelConfig(backbone="sit", resolution=16, depth=2, hidden_size=64, num_heads=2,
+                          patch_size=2),
+        diffusion=DiffusionConfig(process="flow"),
+        optim=OptimConfig(optimizer="adamw", lr=1e-3, warmup_steps=20, batch_size=32,
+                          total_steps=300, ema_decay=0.99),
+        sample=SampleConfig(sampler="heun", steps=10, guidance=1.5),
+        train=TrainConfig(log_every=10, ckpt_every=100),
+    )
+
+
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "tiny": _tiny,
     "tiny-vpred": _tiny_vpred,
     "cifar32": _cifar32,
     "imagenet64": _imagenet64,
+    "sit-s2-imagenet-lt-256": _sit_s2_imagenet_lt_256,
+    "sit-tiny": _sit_tiny,
 }
 
 
@@ -247,15 +337,30 @@ def preset(name: str) -> Config:
 def validate(cfg: Config) -> None:
     """Reject values that no run could use, with the key and the value in the message."""
     m, d, lo, o, s, t = cfg.model, cfg.diffusion, cfg.loss, cfg.optim, cfg.sample, cfg.train
+    flow = d.process == "flow"
+    samplers = SAMPLERS.get(d.process, ())
     checks = [
+        (m.backbone in BACKBONES, "model.backbone", m.backbone, " or ".join(BACKBONES)),
+        (d.process in PROCESSES, "diffusion.process", d.process, " or ".join(PROCESSES)),
         (lo.method in METHODS, "loss.method", lo.method, f"one of {', '.join(METHODS)}"),
-        (s.sampler in ("ddim", "ddpm"), "sample.sampler", s.sampler, "ddim or ddpm"),
+        (s.sampler in samplers, "sample.sampler", s.sampler,
+         f"{' or '.join(samplers)} (the samplers of diffusion.process={d.process})"),
         (s.ddim_last_step in DDIM_LAST_STEPS, "sample.ddim_last_step", s.ddim_last_step,
          " or ".join(DDIM_LAST_STEPS)),
         (o.optimizer in ("adam", "adamw"), "optim.optimizer", o.optimizer, "adam or adamw"),
         (m.resolution >= 8, "model.resolution", m.resolution, ">= 8"),
-        (m.resolution % 2 ** (len(m.ch_mult) - 1) == 0, "model.resolution", m.resolution,
+        (m.backbone != "unet" or m.resolution % 2 ** (len(m.ch_mult) - 1) == 0,
+         "model.resolution", m.resolution,
          f"divisible by 2^{len(m.ch_mult) - 1} (one halving per level of ch_mult)"),
+        (m.patch_size >= 1, "model.patch_size", m.patch_size, ">= 1"),
+        (m.backbone != "sit" or m.resolution % m.patch_size == 0, "model.resolution",
+         m.resolution, f"divisible by model.patch_size={m.patch_size}"),
+        (m.depth >= 1, "model.depth", m.depth, ">= 1"),
+        (m.num_heads >= 1, "model.num_heads", m.num_heads, ">= 1"),
+        (m.hidden_size >= 4 and m.hidden_size % 4 == 0 and m.hidden_size % m.num_heads == 0,
+         "model.hidden_size", m.hidden_size,
+         f"a multiple of 4 (2-D sin-cos positions) and of model.num_heads={m.num_heads}"),
+        (m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "> 0"),
         (m.num_classes >= 1, "model.num_classes", m.num_classes, ">= 1"),
         (m.ch % 32 == 0, "model.ch", m.ch, "a multiple of 32 (GroupNorm with 32 groups)"),
         (len(m.ch_mult) >= 1, "model.ch_mult", m.ch_mult, "non-empty"),
@@ -265,6 +370,10 @@ def validate(cfg: Config) -> None:
          " or ".join(PREDICTIONS)),
         (d.loss_weighting in LOSS_WEIGHTINGS, "diffusion.loss_weighting", d.loss_weighting,
          " or ".join(LOSS_WEIGHTINGS)),
+        (not flow or d.prediction == "eps", "diffusion.prediction", d.prediction,
+         "eps, i.e. unset: under diffusion.process=flow the network predicts velocity"),
+        (not flow or d.loss_weighting == "uniform", "diffusion.loss_weighting",
+         d.loss_weighting, "uniform under diffusion.process=flow (SiT's velocity loss)"),
         (math.isfinite(d.min_snr_gamma) and d.min_snr_gamma > 0, "diffusion.min_snr_gamma",
          d.min_snr_gamma, "a finite number > 0"),
         (0 < d.beta_start < d.beta_end < 1, "diffusion.beta_end", d.beta_end,
@@ -279,6 +388,14 @@ def validate(cfg: Config) -> None:
          ">= 2 (a row's UCL negatives are the other rows of its group)"),
         (0 <= lo.t_align < d.num_timesteps, "loss.t_align", lo.t_align,
          "in [0, diffusion.num_timesteps)"),
+        (not flow or lo.t_align == 0, "loss.t_align", lo.t_align,
+         "0 under diffusion.process=flow (a threshold on DDPM's integer timesteps)"),
+        (lo.flow_weight_end in FLOW_WEIGHT_ENDS, "loss.flow_weight_end", lo.flow_weight_end,
+         " or ".join(FLOW_WEIGHT_ENDS)),
+        (lo.dispersive_weight >= 0, "loss.dispersive_weight", lo.dispersive_weight, ">= 0"),
+        (lo.dispersive_temperature > 0, "loss.dispersive_temperature",
+         lo.dispersive_temperature, "> 0"),
+        (lo.diffrop_weight >= 0, "loss.diffrop_weight", lo.diffrop_weight, ">= 0"),
         (o.lr > 0, "optim.lr", o.lr, "> 0"),
         (o.batch_size >= 2, "optim.batch_size", o.batch_size, ">= 2 (UCL needs negatives)"),
         (o.total_steps >= 1, "optim.total_steps", o.total_steps, ">= 1"),
@@ -286,8 +403,11 @@ def validate(cfg: Config) -> None:
         (o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0"),
         (o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 = no clipping)"),
         (o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0"),
-        (1 <= s.steps <= d.num_timesteps, "sample.steps", s.steps,
+        (flow or 1 <= s.steps <= d.num_timesteps, "sample.steps", s.steps,
          "in [1, diffusion.num_timesteps]"),
+        (not flow or s.steps >= (2 if s.sampler == "sde" and s.sde_last_step > 0 else 1),
+         "sample.steps", s.steps, ">= 1 (sde with a last step: >= 2)"),
+        (0.0 <= s.sde_last_step < 0.5, "sample.sde_last_step", s.sde_last_step, "in [0, 0.5)"),
         (s.guidance >= 0, "sample.guidance", s.guidance, ">= 0 (0 = no guidance)"),
         (0.0 <= s.eta <= 1.0, "sample.eta", s.eta, "in [0, 1] (0 = deterministic DDIM)"),
         (m.in_channels >= 1, "model.in_channels", m.in_channels, ">= 1"),

@@ -6,6 +6,9 @@ alpha_bar_t = prod_{s<=t} alpha_s, with t in {0, ..., T-1} (index 0 is the paper
 What the network predicts is ``diffusion.prediction``: eps (DDPM, the released code), x0, or
 v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022). Whatever it predicts,
 the samplers and the CCUA/CBDM terms work with the eps it implies (``eps_from_output``).
+
+``make_process`` builds the process a config names: this one, or the flow-matching process of
+the SiT presets (raydiff/flow.py), which offers the same methods to the losses.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ from __future__ import annotations
 import torch
 
 from raydiff.config import DiffusionConfig
+from raydiff.flow import FlowMatching
 
 
 class GaussianDiffusion:
     """Linear-beta schedule with float64 tables, cast to the input's dtype on use."""
+
+    process = "ddpm"
+    term = "ddpm"  # name of the denoising term in the loss dict
 
     def __init__(self, cfg: DiffusionConfig):
         self.num_timesteps = cfg.num_timesteps
@@ -108,3 +115,26 @@ class GaussianDiffusion:
         capped = snr.clamp(max=self.min_snr_gamma)
         weight = {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1.0)}[self.prediction]
         return weight.float()
+
+    # -- what the losses ask of a process ------------------------------------------------------
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t ~ U{0 .. T-1}, eps ~ N(0, I), and (t, x_t, training target) for data x0."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device,
+                          generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        return t, self.q_sample(x0, t, eps), self.target(x0, eps, t)
+
+    def comparable(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What AL, CBDM and diffrop compare: the eps an output implies."""
+        return self.eps_from_output(x_t, t, out)
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """t / T in [0, 1): CBDM's weight, largest at the noisy end."""
+        return t.float() / self.num_timesteps
+
+
+def make_process(cfg: DiffusionConfig) -> GaussianDiffusion | FlowMatching:
+    """The noise process ``cfg.process`` names: ``ddpm`` or ``flow``."""
+    return FlowMatching(cfg) if cfg.process == "flow" else GaussianDiffusion(cfg)

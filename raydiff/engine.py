@@ -19,10 +19,10 @@ from torch import nn
 
 from raydiff.checkpoint import Checkpoint, load_checkpoint, read_config, read_weights, save_checkpoint
 from raydiff.config import Config, OptimConfig
-from raydiff.diffusion import GaussianDiffusion
+from raydiff.diffusion import make_process
 from raydiff.errors import RaydiffError
 from raydiff.losses import compute_losses
-from raydiff.unet import UNet, build_model
+from raydiff.networks import build_model
 
 
 class NonFiniteLossError(RaydiffError):
@@ -95,13 +95,13 @@ class Engine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
             model = build_model(cfg.model)
-        self.model: UNet = model.to(self.device, memory_format=self.memory_format)
+        self.model: nn.Module = model.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.net = wrap(self.model) if wrap is not None else self.model
         if cfg.train.compile:
             self.net = torch.compile(self.net)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, fused=True)
-        self.diffusion = GaussianDiffusion(cfg.diffusion)
+        self.diffusion = make_process(cfg.diffusion)
         self.generator = torch.Generator(self.device)
         self.step = 0
         # device-side record of the steps since the last ``collect``
@@ -221,7 +221,7 @@ class Engine:
 
 
 def load_for_sampling(path: str | Path, device: str | torch.device = "cpu",
-                      use_ema: bool = True, sha256: str | None = None) -> tuple[UNet, Config]:
+                      use_ema: bool = True, sha256: str | None = None) -> tuple[nn.Module, Config]:
     """The (EMA) network of a checkpoint in eval mode, and the checkpoint's config. With
     ``sha256``, the weights file must still be the one that hashed to it."""
     model, cfg, _ = open_for_sampling(path, device, use_ema, sha256)
@@ -229,7 +229,7 @@ def load_for_sampling(path: str | Path, device: str | torch.device = "cpu",
 
 
 def open_for_sampling(path: str | Path, device: str | torch.device = "cpu",
-                      use_ema: bool = True, sha256: str | None = None) -> tuple[UNet, Config, str]:
+                      use_ema: bool = True, sha256: str | None = None) -> tuple[nn.Module, Config, str]:
     """``load_for_sampling`` plus the sha256 of the weight bytes it loaded; the config and the
     weights are read and checked (tensor names and shapes against the config's network)."""
     path = Path(path)

@@ -1,13 +1,17 @@
-"""Training objectives: DDPM, CBDM and CCUA (UCL + AL), as small pure functions.
+"""Training objectives: DDPM / flow matching, CBDM, CCUA (UCL + AL), Dispersive Loss and
+diffrop, as small pure functions.
 
 The public functions take tensors, not models, so they can be used on any network:
-``timestep_weight``, ``denoising_loss``, ``ucl_loss``, ``alignment_loss``, ``cbdm_loss``.
-``compute_losses`` runs one forward pass of a raydiff UNet and returns every named term.
-Definitions are in docs/METHOD.md, which follows the CCUA authors' released code and lists
-where raydiff differs from it.
+``timestep_weight``, ``denoising_loss``, ``ucl_loss``, ``alignment_loss``, ``cbdm_loss``,
+``dispersive_loss``, ``diffrop_loss``. ``compute_losses`` runs one forward pass of a raydiff
+network (UNet or SiT) under a noise process (DDPM or flow matching) and returns every named
+term. Definitions are in docs/METHOD.md, which follows the CCUA authors' released code and
+lists where raydiff differs from it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -16,12 +20,23 @@ from torch import nn
 
 from raydiff.config import LossConfig
 from raydiff.diffusion import GaussianDiffusion
+from raydiff.flow import FlowMatching
+
+Process = GaussianDiffusion | FlowMatching
 
 
 def timestep_weight(t: torch.Tensor, T: int, power: float = 1.0, t_align: int = 0) -> torch.Tensor:
     """w(t) = (t/T)^p * [t >= t_align]; t_align = 0, p = 1 is the released code's t/T."""
     w = (t.float() / T) ** power
     return torch.where(t >= t_align, w, torch.zeros_like(w))
+
+
+def regulariser_weight(process: Process, t: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Per-row weight of UCL, AL and diffrop: (t/T)^p [t >= t_align] under DDPM; under flow
+    t^p or (1 - t)^p, by ``cfg.flow_weight_end`` (docs/METHOD.md, "SiT")."""
+    if isinstance(process, FlowMatching):
+        return process.regulariser_weight(t, cfg.flow_weight_end, cfg.weight_power)
+    return timestep_weight(t, process.num_timesteps, cfg.weight_power, cfg.t_align)
 
 
 def drop_labels(y: torch.Tensor, null_label: int, p: float,
@@ -136,20 +151,48 @@ def cbdm_loss(eps_y: torch.Tensor, eps_y_prime: torch.Tensor, weight: torch.Tens
     return (weight.float() * (pull + 0.25 * push)).mean()
 
 
+def dispersive_loss(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Dispersive Loss, InfoNCE-L2 variant (Wang & He 2025) as released (``disp_loss`` of
+    CCUA-SiT's transport.py): log mean_{i,j} exp(-|z_i - z_j|^2 / (D tau)) over all B^2
+    ordered pairs of the rows of ``z`` (B, ...) flattened to D values, the B pairs (i, i)
+    included. Its minimum pushes the rows apart; there is no positive pair."""
+    z = z.flatten(1).float()
+    B, D = z.shape
+    # In float32 under bf16 autocast too; pdist computes each distance directly (no
+    # |a|^2 + |b|^2 - 2ab cancellation), as the released code does.
+    with torch.autocast(z.device.type, enabled=False):
+        d = F.pdist(z).pow(2) / (D * temperature)  # the B (B - 1) / 2 pairs i < j
+        logits = torch.cat([-d, -d, torch.zeros(B, device=z.device)])
+        return torch.logsumexp(logits, dim=0) - 2 * math.log(B)
+
+
+def diffrop_loss(out: torch.Tensor, y: torch.Tensor, partner: torch.Tensor,
+                 weight: torch.Tensor) -> torch.Tensor:
+    """diffrop (CCUA-SiT's transport.py): 1 / (1 + d), d = mean_i w_i [y_i != y_pi(i)]
+    |out_i - out_pi(i)|^2 (mean over pixels), pi = ``partner`` a random pairing of the rows
+    (the released ``torch.randperm``); the mean runs over all B rows, pairs of one label
+    included (they add 0). Gradients flow through both members of a pair."""
+    differ = (y[partner] != y).float()
+    d = (weight.float() * differ * _per_sample_mse(out, out[partner])).mean()
+    return 1.0 / (1.0 + d)
+
+
 UNCOND_ROW_MULTIPLE = 16  # CCUA's unconditional rows per step are padded to a multiple of this
 
 
-def _ccua_terms(model: nn.Module, diffusion: GaussianDiffusion, x_t, t, y_in, dropped, target,
+def _ccua_terms(model: nn.Module, process: Process, x_t, t, y_in, dropped, target,
                 weight, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """One forward of B + n_u rows: the conditional batch plus the unconditional rows needed.
 
     Rows with w(t) = 0 need no unconditional prediction. Rows whose label was dropped already
     are unconditional: their conditional pass supplies their UCL features, and their AL term
     is 0 by definition, so they are not run twice. AL compares the eps the two outputs imply,
-    whatever the network predicts (for eps-prediction, the outputs themselves).
+    whatever the network predicts (for eps-prediction, the outputs themselves); under flow
+    matching, the velocities. The released CCUA-SiT "parallel" mode also runs the
+    unconditional rows in the same forward as the conditional ones.
     """
-    B, T = x_t.shape[0], diffusion.num_timesteps
-    w = timestep_weight(t, T, cfg.weight_power, cfg.t_align)
+    B = x_t.shape[0]
+    w = regulariser_weight(process, t, cfg)
     active = w > 0
     run_uncond = active & ~dropped
     u_idx = run_uncond.nonzero().squeeze(1)
@@ -169,60 +212,85 @@ def _ccua_terms(model: nn.Module, diffusion: GaussianDiffusion, x_t, t, y_in, dr
     z_c, z_u = z_all[:B], z_all[B:]
     # AL is computed on those rows (the padding weighs 0), then rescaled to a mean over all B.
     x_u, t_u = x_t[r_idx], t[r_idx]
-    al = alignment_loss(diffusion.eps_from_output(x_u, t_u, out_c[r_idx]),
-                        diffusion.eps_from_output(x_u, t_u, out_u), w_u) * (r_idx.numel() / B)
+    al = alignment_loss(process.comparable(x_u, t_u, out_c[r_idx]),
+                        process.comparable(x_u, t_u, out_u), w_u) * (r_idx.numel() / B)
     # UCL sees all B rows in batch order (its groups are positions in the global batch); rows
     # with w = 0 keep their conditional features, which ucl_loss ignores.
     z = z_c.index_put((u_idx,), z_u[:n_u])
     group = None if cfg.global_negatives else cfg.ucl_group_size
     ucl = ucl_loss(z, w, cfg.temperature, group)
-    ddpm = denoising_loss(out_c, target, weight)
-    return {"loss": ddpm + cfg.ucl_weight * ucl + cfg.al_weight * al,
-            "ddpm": ddpm, "ucl": ucl, "al": al}
+    main = denoising_loss(out_c, target, weight)
+    return {"loss": main + cfg.ucl_weight * ucl + cfg.al_weight * al,
+            process.term: main, "ucl": ucl, "al": al}
 
 
-def _cbdm_terms(model: nn.Module, diffusion: GaussianDiffusion, x_t, t, y_in, dropped, target,
+def _cbdm_terms(model: nn.Module, process: Process, x_t, t, y_in, dropped, target,
                 weight, cfg: LossConfig, class_prior: torch.Tensor,
                 generator) -> dict[str, torch.Tensor]:
     """CBDM's two passes; rows whose label was dropped for CFG get no regulariser, as in the
-    released code (which drops whole batches and then skips CBDM for them)."""
+    released code (which drops whole batches and then skips CBDM for them). The weight is
+    tau_cb times the noise level: t / T under DDPM, 1 - t under flow."""
     y_prime = torch.multinomial(class_prior.to(x_t.device), x_t.shape[0], replacement=True,
                                 generator=generator)
     out_y, out_y_prime = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                torch.cat([y_in, y_prime])).chunk(2)
-    ddpm = denoising_loss(out_y, target, weight)
-    w = cfg.cbdm_tau * t.float() / diffusion.num_timesteps * (~dropped).float()
-    cb = cbdm_loss(diffusion.eps_from_output(x_t, t, out_y),
-                   diffusion.eps_from_output(x_t, t, out_y_prime), w)
-    return {"loss": ddpm + cb, "ddpm": ddpm, "cbdm": cb}
+    main = denoising_loss(out_y, target, weight)
+    w = cfg.cbdm_tau * process.noise_level(t) * (~dropped).float()
+    cb = cbdm_loss(process.comparable(x_t, t, out_y), process.comparable(x_t, t, out_y_prime), w)
+    return {"loss": main + cb, process.term: main, "cbdm": cb}
+
+
+def _dispersive_terms(model: nn.Module, process: Process, x_t, t, y_in, target, weight,
+                      cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """One forward; Dispersive Loss on the features it names "dispersive" (SiT: the last
+    block's tokens, the released ``act[-1]``; UNet: the bottleneck), over this worker's rows
+    (the released code: one GPU's rows)."""
+    out, z = model(x_t, t, y_in, return_features="dispersive")
+    main = denoising_loss(out, target, weight)
+    disp = dispersive_loss(z, cfg.dispersive_temperature)
+    return {"loss": main + cfg.dispersive_weight * disp, process.term: main, "dispersive": disp}
+
+
+def _diffrop_terms(model: nn.Module, process: Process, x_t, t, y, y_in, target, weight,
+                   cfg: LossConfig, generator) -> dict[str, torch.Tensor]:
+    """One forward; diffrop between each row and a random partner. The label test uses the
+    labels before dropout, as the released code (its network drops labels inside)."""
+    out = model(x_t, t, y_in)
+    main = denoising_loss(out, target, weight)
+    partner = torch.randperm(x_t.shape[0], device=x_t.device, generator=generator)
+    dr = diffrop_loss(process.comparable(x_t, t, out), y, partner,
+                      regulariser_weight(process, t, cfg))
+    return {"loss": main + cfg.diffrop_weight * dr, process.term: main, "diffrop": dr}
 
 
 def model_null_label(model: nn.Module) -> int:
     return getattr(model, "module", model).null_label
 
 
-def compute_losses(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor,
+def compute_losses(model: nn.Module, process: Process, x0: torch.Tensor,
                    y: torch.Tensor, cfg: LossConfig, class_prior: torch.Tensor | None = None,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Sample t and eps, noise x0 and return the named loss terms; ``"loss"`` is the total.
+    """Draw t and the noise, noise the data ``x0`` (the flow's x1) and return the named loss
+    terms; ``"loss"`` is the total, the regression term is named ``process.term`` ("ddpm" or
+    "flow").
 
     ``class_prior`` (probabilities over the real classes) is where CBDM draws y' from;
     uniform when not given. ``model`` may be wrapped in DDP.
     """
-    B = x0.shape[0]
-    t = torch.randint(0, diffusion.num_timesteps, (B,), device=x0.device, generator=generator)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-    x_t = diffusion.q_sample(x0, t, eps)
+    t, x_t, target = process.draw(x0, generator)
     y_in, dropped = drop_labels(y, model_null_label(model), cfg.label_dropout, generator)
-    target, weight = diffusion.target(x0, eps, t), diffusion.loss_weight(t)
+    weight = process.loss_weight(t)
     if cfg.method == "ccua" and (cfg.ucl_weight > 0 or cfg.al_weight > 0):
-        return _ccua_terms(model, diffusion, x_t, t, y_in, dropped, target, weight, cfg)
+        return _ccua_terms(model, process, x_t, t, y_in, dropped, target, weight, cfg)
     if cfg.method == "cbdm":
         if class_prior is None:
             num_classes = model_null_label(model)
             class_prior = torch.full((num_classes,), 1.0 / num_classes)
-        return _cbdm_terms(model, diffusion, x_t, t, y_in, dropped, target, weight, cfg,
+        return _cbdm_terms(model, process, x_t, t, y_in, dropped, target, weight, cfg,
                            class_prior, generator)
-    ddpm = denoising_loss(model(x_t, t, y_in), target, weight)
-    return {"loss": ddpm, "ddpm": ddpm}
-
+    if cfg.method == "dispersive" and cfg.dispersive_weight > 0:
+        return _dispersive_terms(model, process, x_t, t, y_in, target, weight, cfg)
+    if cfg.method == "diffrop" and cfg.diffrop_weight > 0:
+        return _diffrop_terms(model, process, x_t, t, y, y_in, target, weight, cfg, generator)
+    main = denoising_loss(model(x_t, t, y_in), target, weight)
+    return {"loss": main, process.term: main}

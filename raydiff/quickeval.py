@@ -1,11 +1,11 @@
 """Small in-training evaluation: the objective a hyperparameter search optimises.
 
 Every report of a training run with an ``EvalSpec``, rank 0 samples a small class-balanced
-set with the EMA weights (DDIM, few steps, fixed seeds), extracts features and computes the
-Frechet distance to precomputed reference statistics, overall and per class group
-(head / body / tail, docs/METHOD.md), and in the same feature space the copy rate and the
-diversity of the samples (``raydiff.metrics.copy_and_diversity``: ``copy_rate``,
-``diversity`` and their ``_head`` / ``_body`` / ``_tail`` versions). Two feature spaces:
+set with the EMA weights (DDIM, or Euler under flow matching; few steps, fixed seeds),
+extracts features and computes the Frechet distance to precomputed reference statistics,
+overall and per class group (head / body / tail, docs/METHOD.md), and in the same feature
+space the copy rate and the diversity of the samples (``raydiff.metrics.copy_and_diversity``:
+``copy_rate``, ``diversity`` and their ``_head`` / ``_body`` / ``_tail`` versions). Two feature spaces:
 
 - ``inception``: InceptionV3 pool3 (torch-fidelity's ``inception-v3-compat``), i.e. FID;
   needs the weights file.
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from raydiff.config import Config, SampleConfig
-from raydiff.diffusion import GaussianDiffusion
+from raydiff.diffusion import make_process
 from raydiff.features import Extractor, inception_extractor, pixel_extractor
 from raydiff.metrics import GROUPS, FeatureStats, class_groups, copy_and_diversity, fid
 from raydiff.samplers import sample_images, to_uint8
@@ -43,7 +43,7 @@ COPY_MAX_TRAIN = 200_000
 class EvalSpec:
     feature: str  # inception | pixels
     per_class: int = 10  # generated images per class at each evaluation
-    steps: int = 10  # DDIM steps
+    steps: int = 10  # DDIM steps (Euler steps under flow matching)
     guidance: float = 1.5
     weights: str | None = None  # Inception weights file (feature == "inception")
     weights_sha256: str | None = None  # what its bytes must hash to wherever it is loaded
@@ -112,9 +112,11 @@ class QuickEval:
         num_classes = cfg.model.num_classes
         labels = np.repeat(np.arange(num_classes), self.spec.per_class)
         seeds = _EVAL_SEED + np.arange(len(labels))
-        sample_cfg = SampleConfig(sampler="ddim", steps=self.spec.steps, eta=0.0,
+        # deterministic and one network call a step: DDIM, or Euler under flow matching
+        sampler = "euler" if cfg.diffusion.process == "flow" else "ddim"
+        sample_cfg = SampleConfig(sampler=sampler, steps=self.spec.steps, eta=0.0,
                                   guidance=self.spec.guidance)
-        images = to_uint8(sample_images(model, GaussianDiffusion(cfg.diffusion),
+        images = to_uint8(sample_images(model, make_process(cfg.diffusion),
                                         labels.tolist(), seeds.tolist(), sample_cfg))
         rows = self.extract(images)
         generated = group_stats(rows, labels, self.groups)

@@ -27,12 +27,13 @@ from PIL import Image
 
 from raydiff.config import Config
 from raydiff.diffusion import GaussianDiffusion
+from raydiff.flow import FlowMatching
 from raydiff.samplers import sample_images, to_uint8
 from raydiff.storage import Folder, is_uri
 
 logger = logging.getLogger("raydiff.train")
 
-_PROGRESS_KEYS = ("loss", "ddpm", "ucl", "al", "cbdm")
+_PROGRESS_KEYS = ("loss", "ddpm", "flow", "ucl", "al", "cbdm", "dispersive", "diffrop")
 
 
 def _ensure_console_logging() -> None:
@@ -132,8 +133,8 @@ def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def class_grid(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: Config,
-               class_order: Sequence[int]) -> np.ndarray:
+def class_grid(model: torch.nn.Module, diffusion: GaussianDiffusion | FlowMatching,
+               cfg: Config, class_order: Sequence[int]) -> np.ndarray:
     """EMA samples, one row per class in ``class_order`` (head to tail), fixed seeds."""
     per_class = cfg.train.preview_per_class
     labels = [int(c) for c in class_order for _ in range(per_class)]

@@ -1,12 +1,16 @@
-"""DDPM and DDIM sampling loops, classifier-free guidance, one random stream per image.
+"""DDPM and DDIM loops, flow-matching ODE/SDE integrators, classifier-free guidance, one
+random stream per image.
 
-Samplers are plain functions with one signature (k-diffusion style):
+Samplers are plain functions with one signature per process (k-diffusion style):
 ``sampler(model_fn, diffusion, labels, noise, shape, steps=..., eta=..., clip_x0=...,
-last_step=...) -> x0 in [-1, 1]``,
-where ``model_fn(x_t, t, y) -> eps`` and ``noise`` draws every random number of image i from
-image i's own generator (EDM's StackedRandomGenerator). A sample therefore depends only on
-(seed, label, settings), never on the batch size or the position in the batch, which is what
-lets Ray split sampling across any number of actors and still give the same images.
+last_step=...) -> x0 in [-1, 1]`` for DDPM (``model_fn(x_t, t, y) -> eps``), and
+``sampler(model_fn, flow, labels, noise, shape, steps=..., last_step_size=...) -> x1`` for
+flow matching (``model_fn(x_t, t, y) -> velocity``, t from 0 = noise to 1 = data).
+``noise`` draws every random number of image i from image i's own generator (EDM's
+StackedRandomGenerator). A sample therefore depends only on (seed, label, settings), never on
+the batch size or the position in the batch, which is what lets Ray split sampling across any
+number of actors and still give the same images. ``sample_images`` picks the sampler family
+from the process it is given.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from raydiff.config import SAMPLERS as PROCESS_SAMPLERS
 from raydiff.config import SampleConfig
 from raydiff.diffusion import GaussianDiffusion
+from raydiff.flow import FlowMatching
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,7 +46,9 @@ class ImageNoise:
 
 
 def guided_model_fn(model: nn.Module, null_label: int, guidance: float) -> ModelFn:
-    """Classifier-free guidance, CBDM/CCUA convention: eps = eps_c + w (eps_c - eps_u).
+    """Classifier-free guidance, CBDM/CCUA convention: eps = eps_c + w (eps_c - eps_u), and
+    the same on velocities under flow matching (SiT's ``--cfg-scale s``, v_u + s (v_c - v_u),
+    is w = s - 1).
 
     The conditional and unconditional predictions come from one forward pass over a batch
     of 2B. ``w = 0`` is plain conditional sampling, and skips the unconditional half.
@@ -130,25 +138,98 @@ def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.T
 SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample}
 
 
+# -- flow matching (SiT's transport.Sampler, fixed-step) -------------------------------------
+
+def _t(value: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(value), device=x.device, dtype=x.dtype)
+
+
+def euler_sample(model_fn: ModelFn, flow: FlowMatching, labels: torch.Tensor,
+                 noise: ImageNoise, shape: Sequence[int], steps: int = 50,
+                 last_step_size: float = 0.0) -> torch.Tensor:
+    """Euler's method on dx/dt = v(x, t) from t = 0 (noise) to 1, ``steps`` equal steps.
+    (SiT's ``--num-sampling-steps N`` with a fixed-step ODE solver takes N - 1 steps.)
+    ``last_step_size`` only shares the signature."""
+    del last_step_size
+    x = noise.randn(shape)
+    grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        x = x + (t_next - t_cur) * model_fn(x, _t(t_cur, x), labels)
+    return x
+
+
+def heun_sample(model_fn: ModelFn, flow: FlowMatching, labels: torch.Tensor,
+                noise: ImageNoise, shape: Sequence[int], steps: int = 50,
+                last_step_size: float = 0.0) -> torch.Tensor:
+    """Heun's method (explicit trapezoid, 2 evaluations a step) on dx/dt = v from 0 to 1;
+    v is finite at t = 1 on the linear path, so the last step needs no special case."""
+    del last_step_size
+    x = noise.randn(shape)
+    grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        h = t_next - t_cur
+        k1 = model_fn(x, _t(t_cur, x), labels)
+        k2 = model_fn(x + h * k1, _t(t_next, x), labels)
+        x = x + h / 2 * (k1 + k2)
+    return x
+
+
+def sde_sample(model_fn: ModelFn, flow: FlowMatching, labels: torch.Tensor,
+               noise: ImageNoise, shape: Sequence[int], steps: int = 250,
+               last_step_size: float = 0.04) -> torch.Tensor:
+    """Euler-Maruyama on dx = [v + w(t) s(x, t)] dt + sqrt(2 w(t)) dW, which has the ODE's
+    marginals (SiT's ``sample_sde`` with its defaults: diffusion form "sigma", w(t) = 1 - t,
+    and s the score implied by v). As SiT: ``steps - 1`` noisy steps on an even grid from 0
+    to 1 - ``last_step_size``, then one noise-free step of that size ("Mean": x + drift h);
+    ``steps`` network evaluations in all, SiT's ``--num-sampling-steps``. With
+    ``last_step_size = 0``: ``steps`` noisy steps from 0 to 1."""
+    x = noise.randn(shape)
+    end = 1.0 - last_step_size
+    count = steps if last_step_size == 0 else steps - 1
+    grid = torch.linspace(0, end, count + 1, dtype=torch.float64).tolist()
+
+    def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = model_fn(x, t, labels)
+        return v + flow.sde_diffusion(t, x) * flow.score(x, t, v)
+
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        t, h = _t(t_cur, x), t_next - t_cur
+        x = x + drift(x, t) * h + (2 * flow.sde_diffusion(t, x) * h).sqrt() * noise.randn(shape)
+    if last_step_size > 0:
+        x = x + drift(x, _t(end, x)) * last_step_size
+    return x
+
+
+FLOW_SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "sde": sde_sample}
+
+
 @torch.inference_mode()
-def sample_images(model: nn.Module, diffusion: GaussianDiffusion, labels: Sequence[int],
-                  seeds: Sequence[int], cfg: SampleConfig) -> torch.Tensor:
-    """Images in [-1, 1], (B, C, H, W), for the given labels and per-image seeds.
+def sample_images(model: nn.Module, diffusion: GaussianDiffusion | FlowMatching,
+                  labels: Sequence[int], seeds: Sequence[int], cfg: SampleConfig) -> torch.Tensor:
+    """Samples (B, C, H, W) for the given labels and per-image seeds: images in [-1, 1]
+    under DDPM; under flow matching the integrator's end point x1, unclamped (it may be a
+    latent, whose range is not [-1, 1]).
 
     ``model`` must be in eval mode (dropout off); EMA weights are what one samples from.
     """
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
+    if cfg.sampler not in PROCESS_SAMPLERS[diffusion.process]:
+        raise ValueError(f"sampler {cfg.sampler!r} is not a sampler of the {diffusion.process} "
+                         f"process ({', '.join(PROCESS_SAMPLERS[diffusion.process])})")
     device = next(model.parameters()).device
     mcfg = model.cfg
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
     guided = guided_model_fn(model, mcfg.num_classes, cfg.guidance)
+    shape = (mcfg.in_channels, mcfg.resolution, mcfg.resolution)
+    if isinstance(diffusion, FlowMatching):
+        return FLOW_SAMPLERS[cfg.sampler](guided, diffusion, y, ImageNoise(seeds, device), shape,
+                                          steps=cfg.steps, last_step_size=cfg.sde_last_step)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # Guidance is an affine combination (weights 1 + w and -w), so guiding the network's
         # output and then converting it to eps equals guiding the eps it implies.
         return diffusion.eps_from_output(x, t, guided(x, t, y))
-    shape = (mcfg.in_channels, mcfg.resolution, mcfg.resolution)
     return SAMPLERS[cfg.sampler](model_fn, diffusion, y, ImageNoise(seeds, device), shape,
                                 steps=cfg.steps, eta=cfg.eta, clip_x0=cfg.clip_x0,
                                 last_step=cfg.ddim_last_step)
@@ -160,9 +241,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def sample_aligned(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: SampleConfig,
-                   indices: np.ndarray, labels: np.ndarray, seeds: np.ndarray,
-                   forward_batch: int) -> np.ndarray:
+def sample_aligned(model: torch.nn.Module, diffusion: GaussianDiffusion | FlowMatching,
+                   cfg: SampleConfig, indices: np.ndarray, labels: np.ndarray,
+                   seeds: np.ndarray, forward_batch: int) -> np.ndarray:
     """uint8 NHWC images of the given indices, each computed at its fixed block position.
 
     Block b of ``forward_batch`` rows holds indices [b M, (b+1) M); a row whose index is not

@@ -143,8 +143,10 @@ class UNet(nn.Module):
                                   _init_(nn.Conv2d(ch, cfg.in_channels, 3, padding=1), gain=1e-5))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                return_features: bool = False):
-        """Predict eps for x_t at integer timesteps t with labels y (null label allowed)."""
+                return_features: bool | str = False):
+        """Predict eps for x_t at integer timesteps t with labels y (null label allowed).
+        ``return_features`` (True, "ucl" or "dispersive") also returns the bottleneck, the
+        one representation both regularisers read in this network."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.ch)) + self.label_emb(y)
         h = self.head(x)
         skips = [h]
@@ -163,8 +165,12 @@ class UNet(nn.Module):
         return (eps, features) if return_features else eps
 
 
-def build_model(cfg: ModelConfig) -> UNet:
-    return UNet(cfg)
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The network ``cfg.backbone`` names (``raydiff.networks.build_model``): a UNet for
+    ``unet``, SiT for ``sit``."""
+    from raydiff.networks import build_model as build_network  # networks imports this module
+
+    return build_network(cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -53,7 +53,7 @@ def test_imagenet64_preset_is_the_released_tinyimagenet_script():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("model.chh=3", "unknown config key 'model.chh': model has resolution"),
+    ("model.chh=3", "unknown config key 'model.chh': model has backbone, resolution"),
     ("modle.ch=3", "unknown config key 'modle.ch'"),
     ("optim.lr=fast", "config optim.lr='fast' is invalid: expected a number"),
     ("loss.t_align=0.5", "config loss.t_align='0.5' is invalid: expected an integer"),

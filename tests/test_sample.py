@@ -7,6 +7,7 @@ Tiny checkpoint (4 classes, 16 px), DDIM with few steps, a dozen images per run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -147,6 +148,34 @@ def test_one_and_two_actors_and_two_batch_sizes_give_identical_bytes(
                                                "guidance": 1.5, "clip_x0": True,
                                                "ddim_last_step": "x0"}
     assert len(manifest["identity"]["checkpoint_ema_sha256"]) == 64
+
+
+def test_a_sit_checkpoint_samples_through_the_actors_with_the_sde(ray_local, tmp_path):
+    # The flow process reaches the actors through the checkpoint's config: two actors write
+    # the bytes this process computes with the SDE sampler, and the manifest records its
+    # last step (only the SDE's manifests carry it).
+    import torch
+
+    from raydiff import config as config_lib
+    from raydiff.diffusion import make_process
+
+    engine = Engine(config_lib.resolve("sit-tiny", overrides=[
+        "model.num_classes=4", "sample.steps=3", "optim.warmup_steps=0"]))
+    g = torch.Generator().manual_seed(0)
+    engine.train_step(torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, torch.arange(8) % 4)
+    ckpt = engine.save(tmp_path / "checkpoint_000000001")
+    out = tmp_path / "sit-sde"
+    run_sampling(SampleJob(checkpoint=str(ckpt), out=str(out), actors=2, batch_size=8,
+                           sampler="sde", **FAST))
+    images, labels, seeds = read_samples(out)
+    model, cfg = load_for_sampling(ckpt)
+    sde = dataclasses.replace(cfg.sample, sampler="sde")
+    in_process = sample_aligned(model, make_process(cfg.diffusion), sde, np.arange(12), labels,
+                                seeds, forward_batch=4)
+    np.testing.assert_array_equal(images, in_process)
+    assert load_manifest(out)["identity"]["sampler"] == {
+        "sampler": "sde", "steps": 3, "eta": 0.0, "guidance": 1.5, "clip_x0": False,
+        "ddim_last_step": "x0", "sde_last_step": 0.04}
 
 
 def test_exports_imagefolder_and_npz_from_the_shards(ray_local, tiny_checkpoint, one_actor_run):

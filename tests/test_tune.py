@@ -16,6 +16,7 @@ import pytest
 from raydiff import config as config_lib
 from raydiff.distributed.tune import (
     DEFAULT_SPACE,
+    FLOW_SPACE,
     SearchJob,
     load_space,
     parse_objective,
@@ -49,6 +50,14 @@ def test_default_space_is_valid_and_covers_the_design():
     validate_space(DEFAULT_SPACE, BASE, "default")
     assert DEFAULT_SPACE["loss.t_align"] == {"choice": [0, 250, 500, 750]}
     assert DEFAULT_SPACE["loss.ucl_weight"] == {"loguniform": [1e-3, 2.0]}
+
+
+def test_flow_default_space_is_valid_for_sit_and_the_ddpm_one_is_not():
+    sit = config_lib.preset("sit-tiny")
+    validate_space(FLOW_SPACE, sit, "default")
+    assert FLOW_SPACE["loss.flow_weight_end"] == {"choice": ["data", "noise"]}
+    with pytest.raises(RaydiffError, match="loss.t_align=250 is invalid"):
+        validate_space(DEFAULT_SPACE, sit, "default")
 
 
 def test_space_files_in_yaml_and_json(tmp_path):

@@ -75,7 +75,7 @@ from raydiff.data.samples import (
     load_manifest,
     write_shard,
 )
-from raydiff.diffusion import GaussianDiffusion
+from raydiff.diffusion import make_process
 from raydiff.distributed import runtime
 from raydiff.engine import open_for_sampling
 from raydiff.errors import RaydiffError
@@ -166,7 +166,7 @@ class SampleActor:
             # compiled on the first call; every call has the same shape (forward_batch rows,
             # twice that with guidance), so it is compiled once
             self.model.compile()
-        self.diffusion = GaussianDiffusion(self.cfg.diffusion)
+        self.diffusion = make_process(self.cfg.diffusion)
         self.forward_batch = forward_batch
 
     def png(self, index: np.ndarray, label: np.ndarray, seed: np.ndarray) -> np.ndarray:
@@ -283,6 +283,9 @@ def prepare_run(job: SampleJob) -> SampleRun:
     plan = SamplePlan(classes, job.per_class, job.seed, job.shard_size)
     sampler = dataclasses.asdict(sample)
     compiled = sampler.pop("compile")
+    last_step = sampler.pop("sde_last_step")
+    if sample.sampler == "sde":  # only the SDE reads it: other manifests are what they were
+        sampler["sde_last_step"] = last_step
     identity = {
         "checkpoint_ema_sha256": ema_sha256,
         "sampler": sampler,

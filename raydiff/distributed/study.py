@@ -386,11 +386,13 @@ def markdown(study: dict) -> str:
     """One table per metric: a row per variant, a column per set that has values."""
     labels, summary, spec = study["variants"], study["summary"], study["spec"]
     base = spec["base"]
+    flow = base["diffusion"].get("process") == "flow"  # studies written before flow: DDPM
+    prediction = "velocity" if flow else base["diffusion"]["prediction"]
     lines = [
         f"# Study {study['name']}", "",
         f"- data: `{spec['data']}`",
         f"- budget, every run: preset `{base['preset']}`, {base['optim']['total_steps']} steps "
-        f"of batch {base['optim']['batch_size']}, {base['diffusion']['prediction']}-prediction",
+        f"of batch {base['optim']['batch_size']}, {prediction}-prediction",
         "- variants: " + "; ".join(
             f"`{label}` ({', '.join(f'{k}={v}' for k, v in spec['variants'][label].items())})"
             for label in labels),

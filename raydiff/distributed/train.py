@@ -32,7 +32,7 @@ from raydiff.checkpoint import describe_mismatch
 from raydiff.config import Config
 from raydiff.data import parquet
 from raydiff.data.resample import Resample, class_ranks, epoch_batches, repeat_rates, steps_per_epoch
-from raydiff.diffusion import GaussianDiffusion
+from raydiff.diffusion import make_process
 from raydiff.distributed import runtime
 from raydiff.distributed.runtime import Scaling, run_dir
 from raydiff.engine import Engine, NonFiniteLossError, step_seed
@@ -231,7 +231,7 @@ class SideWork:
         self.engine, self.runlog, self.quickeval = engine, runlog, quickeval
         self.head_to_tail = [int(c) for c in np.argsort(class_ranks(counts))]
         self.snapshot = copy.deepcopy(engine.ema.model)
-        self.diffusion = GaussianDiffusion(engine.cfg.diffusion)
+        self.diffusion = make_process(engine.cfg.diffusion)
         cuda = engine.device.type == "cuda"
         self.stream = torch.cuda.Stream(engine.device) if cuda else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydiff-side")

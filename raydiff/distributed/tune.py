@@ -41,8 +41,14 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "loss.t_align": {"choice": [0, 250, 500, 750]},
     "loss.temperature": {"choice": [0.05, 0.1, 0.2]},
 }
+# Under flow matching t_align (a threshold on DDPM's integer timesteps) does not apply; the
+# search asks instead which end of the path the UCL/AL weight should favour.
+FLOW_SPACE: dict[str, dict[str, Any]] = {
+    **{key: dist for key, dist in DEFAULT_SPACE.items() if key != "loss.t_align"},
+    "loss.flow_weight_end": {"choice": ["data", "noise"]},
+}
 KINDS = ("uniform", "loguniform", "choice", "grid")
-LOSS_METRICS = ("loss", "ddpm", "ucl", "al", "cbdm")
+LOSS_METRICS = ("loss", "ddpm", "flow", "ucl", "al", "cbdm", "dispersive", "diffrop")
 SAMPLE_METRICS = ("copy_rate", "diversity")  # with their _head / _body / _tail versions
 
 
@@ -431,7 +437,8 @@ def _cell(value: Any) -> str:
 # --- command line ---------------------------------------------------------------------------
 
 def job_from_args(args, base: Config) -> SearchJob:
-    space = load_space(args.space) if args.space else DEFAULT_SPACE
+    default = FLOW_SPACE if base.diffusion.process == "flow" else DEFAULT_SPACE
+    space = load_space(args.space) if args.space else default
     if args.space:
         validate_space(space, base, f"space file {args.space}")
     return SearchJob(

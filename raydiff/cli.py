@@ -248,7 +248,16 @@ def _add_prepare(sub) -> None:
                        help="latents = VAE posterior x this (default: 0.18215)")
     group.add_argument("--latent-dtype", choices=LATENT_DTYPES,
                        help="storage type of the latent columns (default: float16)")
-    p.set_defaults(run="raydiff.data.prepare:run")
+    p.set_defaults(run="raydiff.cli:_run_prepare")
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from raydiff.data import prepare
+
+    encode = None
+    if args.latents:  # the Ray layer encodes; a dataset without latents needs no Ray
+        from raydiff.distributed.latents import encode_train_split as encode
+    return prepare.run(args, encode)
 
 
 def _add_train(sub) -> None:

@@ -228,6 +228,29 @@ class LatentCodec:
         return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
 
 
+@dataclass(frozen=True)
+class CheckedVae:
+    """A VAE found and loaded once (``check_vae``): what encoding actors load and what a
+    dataset.json records."""
+
+    spec: str
+    sha256: str
+    scale: float
+    channels: int
+    latent_resolution: int
+
+
+def check_vae(spec: str, scale: float, resolution: int) -> CheckedVae:
+    """Resolve (download on first use) and load the VAE once, so that a missing or broken
+    one, or an image side its downsampling does not divide, is one line before any work."""
+    codec = LatentCodec.open(spec, scale)
+    if resolution % codec.downsampling:
+        raise RaydiffError(f"--resolution {resolution} is not a multiple of VAE {spec}'s "
+                           f"{codec.downsampling}x downsampling")
+    channels, side, _ = codec.latent_shape(resolution)
+    return CheckedVae(spec, codec.identity.sha256, float(scale), channels, side)
+
+
 def write_random_vae(folder: str | Path, block_out_channels: tuple[int, ...] = (16, 32),
                      latent_channels: int = 4, seed: int = 0) -> Path:
     """A small randomly initialised AutoencoderKL as a VAE folder (config.json + safetensors):

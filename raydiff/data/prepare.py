@@ -35,6 +35,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -304,8 +305,11 @@ def reuse_problem(out: str, options: PrepareOptions, info: DatasetInfo) -> str |
     return f"its shard {missing[0]} is missing" if missing else None
 
 
-def prepare_dataset(options: PrepareOptions) -> DatasetInfo:
-    """Build the dataset described by ``options`` at ``options.out``, atomically."""
+def prepare_dataset(options: PrepareOptions, encode_latents: Callable | None = None
+                    ) -> DatasetInfo:
+    """Build the dataset described by ``options`` at ``options.out``, atomically.
+    ``encode_latents`` adds the latent columns of ``--latents`` (the Ray layer's
+    ``raydiff.distributed.latents.encode_train_split``: the data layer never imports it)."""
     _check_options(options)
     out = options.out.expanduser().absolute()
     _check_output(out, options.overwrite)
@@ -313,7 +317,11 @@ def prepare_dataset(options: PrepareOptions) -> DatasetInfo:
     resolution = content["resolution"]
     vae = None
     if options.latents:  # the VAE is found and checked before anything is read or written
-        from raydiff.distributed.latents import check_vae
+        if encode_latents is None:
+            raise RaydiffError("--latents encodes in Ray Data actors: run 'raydiff prepare', "
+                               "or pass encode_latents=raydiff.distributed.latents."
+                               "encode_train_split")
+        from raydiff.vae import check_vae
 
         vae = check_vae(options.latents, content["latent_scale"], resolution)
     built = build_source(options)
@@ -321,12 +329,9 @@ def prepare_dataset(options: PrepareOptions) -> DatasetInfo:
     try:
         info = _write_dataset(built, options, resolution, staging)
         if vae is not None:
-            # The Ray layer, imported only here: a dataset without latents needs no Ray.
-            from raydiff.distributed.latents import encode_train_split
-
-            latent = encode_train_split(staging / "train", [Path(f).name for f in
-                                                            info.files["train"]],
-                                        vae, content["latent_dtype"], options.workers)
+            latent = encode_latents(staging / "train", [Path(f).name for f in
+                                                        info.files["train"]],
+                                    vae, content["latent_dtype"], options.workers)
             info = dataclasses.replace(info, latent=latent)
         (staging / INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
         _move_into_place(staging, out)
@@ -373,21 +378,22 @@ def upload_dataset(local: Path, uri: str) -> None:
         folder.put_file(local / relative, relative)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, encode_latents: Callable | None = None) -> int:
     """The CLI entry point: prepare, then print a short summary. An ``--out`` URI is built
     in a local temporary folder and uploaded (``upload_dataset``)."""
     uri = str(args.out)
     options = options_from_args(args)
     start = time.perf_counter()
     if not is_uri(uri):
-        info = prepare_dataset(options)
+        info = prepare_dataset(options, encode_latents)
         print(summary(info, options.out, time.perf_counter() - start))
         return 0
     if Folder(uri).is_file(INFO_FILE) and not options.overwrite:
         raise RaydiffError(f"--out {uri} holds a prepared dataset (pass --overwrite to replace it)")
     with tempfile.TemporaryDirectory(prefix="raydiff-prepare-") as staging:
         local = Path(staging) / "dataset"
-        info = prepare_dataset(dataclasses.replace(options, out=local, overwrite=False))
+        info = prepare_dataset(dataclasses.replace(options, out=local, overwrite=False),
+                               encode_latents)
         upload_dataset(local, uri)
     print(summary(info, uri, time.perf_counter() - start))
     return 0

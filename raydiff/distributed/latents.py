@@ -12,14 +12,15 @@ The pipeline (``encode_train_split``)::
       -> the driver                                collects each shard's rows and adds the
                                                    latent columns to its file
 
-The driver checks the VAE first (``check_vae``: found, loadable, its weights' sha256, a
-resolution its downsampling divides), and every actor loads exactly those weights.
+The driver has checked the VAE first (``raydiff.vae.check_vae``: found, loadable, its
+weights' sha256, a resolution its downsampling divides); every actor loads exactly those
+weights. ``raydiff prepare`` hands ``encode_train_split`` to ``prepare_dataset``, so that the
+data layer never imports the Ray layer.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,34 +30,11 @@ from raydiff.data import parquet
 from raydiff.data.images import decode_images
 from raydiff.distributed import runtime
 from raydiff.errors import RaydiffError
+from raydiff.vae import CheckedVae
 
 logger = logging.getLogger(__name__)
 
 ENCODE_BATCH = 32  # images per actor call (each is encoded twice: as stored and mirrored)
-
-
-@dataclass(frozen=True)
-class CheckedVae:
-    """A VAE the driver found and loaded: what the actors load and dataset.json records."""
-
-    spec: str
-    sha256: str
-    scale: float
-    channels: int
-    latent_resolution: int
-
-
-def check_vae(spec: str, scale: float, resolution: int) -> CheckedVae:
-    """Resolve (download on first use) and load the VAE once here, so a missing or broken
-    one, or an image side its downsampling does not divide, is one line before any work."""
-    from raydiff.vae import LatentCodec
-
-    codec = LatentCodec.open(spec, scale)
-    if resolution % codec.downsampling:
-        raise RaydiffError(f"--resolution {resolution} is not a multiple of VAE {spec}'s "
-                           f"{codec.downsampling}x downsampling")
-    channels, side, _ = codec.latent_shape(resolution)
-    return CheckedVae(spec, codec.identity.sha256, float(scale), channels, side)
 
 
 def read_shard_rows(batch: dict, split_dir: str) -> dict:

@@ -116,6 +116,10 @@ def check_resume(job: TrainJob) -> int:
     found = config_lib.from_dict(Folder(run_dir(job.storage, job.name)).read_json(
         f"{dir_name}/config.json"))
     diffs = describe_mismatch(found.model, job.cfg.model)
+    for f in dataclasses.fields(config_lib.LatentConfig):  # same shapes, another space
+        was, now = getattr(found.latent, f.name), getattr(job.cfg.latent, f.name)
+        if was != now:
+            diffs.append(f"latent.{f.name}: checkpoint {was!r}, requested {now!r}")
     if diffs:
         raise RaydiffError(f"cannot resume run {job.name!r} from {dir_name} with data "
                            f"{job.data}: " + "; ".join(diffs))
@@ -230,8 +234,8 @@ def _latent_input(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,
 class ModelInput:
     """A batch of training rows (a dict of tensors on the device) -> (x0, labels) for the
     engine: uint8 images to [-1, 1] (flipped with ``train.hflip``), or latent rows to
-    posterior samples. ``generator`` draws the flips and posterior noise; seeded by (seed,
-    rank, step), so a resumed run draws what an uninterrupted one would."""
+    posterior samples. ``generator`` draws the flips and the posterior noise (the worker
+    seeds it by seed, rank and the step it starts from)."""
 
     def __init__(self, cfg: Config, generator: torch.Generator | None):
         self.latent, self.hflip, self.generator = bool(cfg.latent.vae), cfg.train.hflip, generator

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,7 +31,9 @@ from raydiff.data import parquet
 from raydiff.data.images import decode_images
 from raydiff.distributed import runtime
 from raydiff.errors import RaydiffError
-from raydiff.vae import CheckedVae
+
+if TYPE_CHECKING:  # the reading tasks run this module's functions: they need no torch
+    from raydiff.vae import CheckedVae
 
 logger = logging.getLogger(__name__)
 

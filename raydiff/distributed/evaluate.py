@@ -214,8 +214,7 @@ def image_rows(folder: Folder, names: list[str], columns: list[str], part: int, 
     paths = [folder.path(name) for name in names]
     size = sum(info.size or 0 for info in folder.fs.get_file_info(paths))
     if size > DRIVER_READ_MAX_BYTES:
-        ds = ray.data.read_parquet([folder.uri(name) for name in names],
-                                   columns=columns).select_columns(columns)
+        ds = ray.data.read_parquet([folder.uri(name) for name in names]).select_columns(columns)
         ds = ds.map_batches(_tagged, fn_kwargs={"part": part, "keyer": keyer,
                                                 "keyer_kwargs": keyer_kwargs},
                             batch_format="numpy", batch_size=None)

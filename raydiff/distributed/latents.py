@@ -104,7 +104,8 @@ def encode_train_split(split_dir: Path, names: list[str], vae: CheckedVae, dtype
                 else "CPU")
     ds = ray.data.from_items([{"shard": name} for name in names], override_num_blocks=len(names))
     ds = ds.map_batches(read_shard_rows, fn_kwargs={"split_dir": str(split_dir)}, batch_size=1,
-                        batch_format="numpy", scheduling_strategy=here)
+                        batch_format="numpy",
+                        ray_remote_args_fn=lambda: {"scheduling_strategy": here})
     ds = ds.map_batches(EncodeActor, fn_constructor_kwargs={
         "vae": vae, "dtype": dtype, "threads": max(1, threads), "use_gpu": "num_gpus" in resources},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=ENCODE_BATCH,

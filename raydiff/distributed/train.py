@@ -189,8 +189,7 @@ def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
         columns = [*parquet.LATENT_COLUMNS, "label"]
         decode = {"fn": parquet.LatentTrainingBatch(info.latent.row_shape),
                   "batch_format": "pyarrow"}
-    ds = ray.data.read_parquet(parquet.split_paths(data, "train"),
-                               columns=columns).select_columns(columns)
+    ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(columns)
     if decode_once:
         ds = ds.map_batches(**decode).repartition(blocks).materialize()
     ds = ds.randomize_block_order()

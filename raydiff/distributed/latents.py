@@ -93,19 +93,18 @@ def encode_train_split(split_dir: Path, names: list[str], vae: CheckedVae, dtype
                        threads: int) -> parquet.LatentInfo:
     """Add the latent columns to every shard ``names`` of the local ``split_dir``."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     runtime.init_ray(1)
     actors, resources = _pool()
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # the readers run on this node, where the staging folder is (the label Ray gives every node)
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     rows_of = {name: pq.read_metadata(split_dir / name).num_rows for name in names}
     logger.info("encoding %d training images with VAE %s on %d %s actor(s)",
                 sum(rows_of.values()), vae.spec, actors, "GPU" if "num_gpus" in resources
                 else "CPU")
     ds = ray.data.from_items([{"shard": name} for name in names], override_num_blocks=len(names))
     ds = ds.map_batches(read_shard_rows, fn_kwargs={"split_dir": str(split_dir)}, batch_size=1,
-                        batch_format="numpy",
-                        ray_remote_args_fn=lambda: {"scheduling_strategy": here})
+                        batch_format="numpy", label_selector=here)
     ds = ds.map_batches(EncodeActor, fn_constructor_kwargs={
         "vae": vae, "dtype": dtype, "threads": max(1, threads), "use_gpu": "num_gpus" in resources},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=ENCODE_BATCH,

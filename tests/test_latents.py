@@ -260,6 +260,7 @@ def test_latent_rows_become_posterior_samples_of_the_image_or_its_mirror():
 def test_latent_pipeline_end_to_end(ray_local, vae_dir, inception_weights, tmp_path):
     from raydiff import cli
     from raydiff.data.dataset import SplitDataset
+    from raydiff.data.prepare import options_from_args, reuse_problem
     from raydiff.data.samples import load_manifest, read_samples
     from raydiff.diffusion import GaussianDiffusion
     from raydiff.distributed.evaluate import EvalJob, run_evaluation
@@ -269,10 +270,17 @@ def test_latent_pipeline_end_to_end(ray_local, vae_dir, inception_weights, tmp_p
     from raydiff.samplers import sample_aligned
 
     data = tmp_path / "shapes-latent"
-    assert cli.main(["prepare", "shapes", "--out", str(data), "--resolution", "32",
-                     "--num-classes", "3", "--images-per-class", "10", "--rows-per-shard", "8",
-                     "--latents", str(vae_dir)]) == 0
+    argv = ["prepare", "shapes", "--out", str(data), "--resolution", "32", "--num-classes", "3",
+            "--images-per-class", "10", "--rows-per-shard", "8", "--latents", str(vae_dir)]
+    assert cli.main(argv) == 0
     info = parquet.load_info(data)
+    # a resubmitted job keeps it; other latent options are another dataset
+    asked = [*argv[1:], "--latent-dtype", "float16", "--latent-scale", "0.18215"]
+    assert reuse_problem(str(data), options_from_args(cli.build_parser().parse_args(
+        ["prepare", *asked])), info) is None
+    asked = [*argv[1:], "--latent-dtype", "float32"]
+    assert reuse_problem(str(data), options_from_args(cli.build_parser().parse_args(
+        ["prepare", *asked])), info) == "it holds --latent-dtype float16, not float32"
     sha = file_sha256(vae_dir / WEIGHTS_FILE)
     assert info.latent == parquet.LatentInfo(str(vae_dir), sha, 0.18215, 4, 16, "float16")
     assert json.loads((data / "dataset.json").read_text())["latent"]["vae_sha256"] == sha

@@ -11,8 +11,8 @@ local temporary folder and uploaded, its ``dataset.json`` last, so a reader that
 file finds every shard it lists (``raydiff.data.prepare.upload_dataset``). A job submitted
 again finds the complete dataset and keeps it, so a failed pipeline can simply be submitted
 again; a dataset there that was prepared with other content options (source, resolution,
-imbalance ratio, seed, classes, images per class, reference split) or lacks a shard is refused
-in one line (``--overwrite`` rebuilds it).
+imbalance ratio, seed, classes, images per class, reference split, latents and their scale
+and storage type) or lacks a shard is refused in one line (``--overwrite`` rebuilds it).
 """
 
 from __future__ import annotations

@@ -28,8 +28,10 @@ EVAL_METRICS = ("fid", "kid", "isc", "prc")  # raydiff.metrics.METRICS
 METRIC_SUBSET = 10_000  # raydiff.accumulate.METRIC_SUBSET
 MIX_RULES = ("none", "add:N", "topup")  # raydiff.data.mixing.RULES
 DEFAULT_ROWS_PER_SHARD = 4096  # raydiff.data.parquet.DEFAULT_ROWS_PER_SHARD
+LATENT_DTYPES = ("float16", "float32")  # raydiff.data.parquet.LATENT_DTYPES
 # --preset when --data is given without one: the preset made for the dataset's image side
-PRESET_BY_RESOLUTION = {16: "tiny-vpred", 32: "cifar32", 64: "imagenet64"}
+PRESET_BY_RESOLUTION = {16: "tiny-vpred", 32: "cifar32", 64: "imagenet64",
+                        256: "sit-s2-imagenet-lt-256"}
 BUILTIN_PRESET = "tiny-vpred"  # no --data: the built-in 16 px shapes
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -102,7 +104,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", metavar="FILE",
                        help="a resolved config JSON (e.g. a run's config.json); replaces --preset")
     group.add_argument("--method", choices=config_lib.METHODS,
-                       help="objective: ddpm, cbdm or ccua (same as --set loss.method=...)")
+                       help="objective (same as --set loss.method=...)")
     group.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     group.add_argument("--dry-run", action="store_true",
@@ -236,7 +238,27 @@ def _add_prepare(sub) -> None:
         help="decode/encode processes on this machine (default: its CPUs)")
     add("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD, help="rows per Parquet file")
     add("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
-    p.set_defaults(run="raydiff.data.prepare:run")
+    group = p.add_argument_group("latents (for latent-space backbones such as SiT)")
+    group.add_argument("--latents", metavar="VAE",
+                       help="also store the training split's VAE latents: sd-vae-ft-ema (the "
+                            "paper's; downloaded once into $RAYDIFF_VAE_CACHE, default "
+                            "~/.cache/raydiff/vae) or a folder with config.json and "
+                            "diffusion_pytorch_model.safetensors; encoded in Ray Data actors, "
+                            "one per GPU when the cluster has GPUs")
+    group.add_argument("--latent-scale", type=float,
+                       help="latents = VAE posterior x this (default: 0.18215)")
+    group.add_argument("--latent-dtype", choices=LATENT_DTYPES,
+                       help="storage type of the latent columns (default: float16)")
+    p.set_defaults(run="raydiff.cli:_run_prepare")
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from raydiff.data import prepare
+
+    encode = None
+    if args.latents:  # the Ray layer encodes; a dataset without latents needs no Ray
+        from raydiff.distributed.latents import encode_train_split as encode
+    return prepare.run(args, encode)
 
 
 def _add_train(sub) -> None:
@@ -265,7 +287,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if data is None and not args.dry_run:
         data = builtin_dataset(args.storage, cfg.model.resolution)
     if data is not None:
-        cfg = fit_config_to_data(cfg, load_info(data))
+        cfg = fit_config_to_data(cfg, load_info(data), data)
     if args.dry_run:
         print(cfg.to_json())
         return 0

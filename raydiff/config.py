@@ -184,6 +184,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LatentConfig:
+    """The latent space a run trains in (docs/METHOD.md, "Latent datasets"); ``vae = ""`` is
+    pixel space. A run on a latent dataset takes these from its dataset.json (``raydiff
+    prepare --latents``); a value set here that differs from the dataset's is an error.
+    Sampling decodes with this VAE, so sample folders hold images either way."""
+
+    vae: str = ""  # a known name (sd-vae-ft-ema) or a VAE folder; "" = pixel space
+    sha256: str = ""  # of the VAE's weights file; "" = whatever the dataset was encoded with
+    scale: float = 0.18215  # latents = VAE posterior x scale (the released code's 0.18215)
+    image_resolution: int = 0  # side of the decoded images; 0 in pixel space
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str = "cifar32"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,6 +205,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -298,6 +312,9 @@ def _sit_s2_imagenet_lt_256() -> Config:
                           total_steps=160 * steps_per_epoch),
         sample=SampleConfig(sampler="heun", steps=50, guidance=6.5),
         train=TrainConfig(resample_factor=0.1, ckpt_every=50_000),
+        # the SD-VAE's latents (raydiff prepare --latents sd-vae-ft-ema); the dataset fills in
+        # the weights' sha256 and the image side
+        latent=LatentConfig(vae="sd-vae-ft-ema"),
     )
 
 
@@ -430,9 +447,26 @@ def validate(cfg: Config) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise RaydiffError(f"config {name}.{f.name}={value!r} is invalid: expected a "
                                    "finite number")
+    checks += _latent_checks(cfg)
     for ok, key, value, expected in checks:
         if not ok:
             raise RaydiffError(f"config {key}={value!r} is invalid: expected {expected}")
+
+
+def _latent_checks(cfg: Config) -> list[tuple[bool, str, Any, str]]:
+    la = cfg.latent
+    if not la.vae:
+        return [(not la.sha256, "latent.sha256", la.sha256, "empty in pixel space (latent.vae "
+                 "is empty)"),
+                (la.image_resolution == 0, "latent.image_resolution", la.image_resolution,
+                 "0 in pixel space (latent.vae is empty)")]
+    return [
+        (la.scale > 0, "latent.scale", la.scale, "> 0"),
+        (la.image_resolution >= 0, "latent.image_resolution", la.image_resolution, ">= 0"),
+        # latents are not confined to [-1, 1]: clamping their x0 predictions would cut them
+        (not cfg.sample.clip_x0, "sample.clip_x0", cfg.sample.clip_x0,
+         "false with latent.vae set (latents are not in [-1, 1])"),
+    ]
 
 
 # --- overrides and JSON --------------------------------------------------------------------

@@ -98,13 +98,14 @@ class QuickEval:
     """Built once per run on rank 0; called at every report with the EMA model."""
 
     def __init__(self, spec: EvalSpec, reference: ReferenceStats,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", codec=None):
         if reference.feature != spec.feature:
             raise ValueError(f"reference statistics are {reference.feature} features, "
                              f"the evaluation extracts {spec.feature}")
         self.spec = spec
         self.reference, self.groups = reference.stats, reference.groups
         self.rows = reference.rows
+        self.codec = codec  # a raydiff.vae.LatentCodec for a latent-space model, else None
         network = spec.extractor().load(device)
         self.extract = lambda images: network(images)[0].astype(np.float64)
 
@@ -116,8 +117,9 @@ class QuickEval:
         sampler = "euler" if cfg.diffusion.process == "flow" else "ddim"
         sample_cfg = SampleConfig(sampler=sampler, steps=self.spec.steps, eta=0.0,
                                   guidance=self.spec.guidance)
-        images = to_uint8(sample_images(model, make_process(cfg.diffusion),
-                                        labels.tolist(), seeds.tolist(), sample_cfg))
+        x = sample_images(model, make_process(cfg.diffusion), labels.tolist(), seeds.tolist(),
+                          sample_cfg, clamp=self.codec is None)
+        images = to_uint8(x) if self.codec is None else self.codec.decode(x)
         rows = self.extract(images)
         generated = group_stats(rows, labels, self.groups)
         prefix = self.spec.prefix

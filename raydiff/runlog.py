@@ -134,10 +134,12 @@ def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
 
 
 def class_grid(model: torch.nn.Module, diffusion: GaussianDiffusion | FlowMatching,
-               cfg: Config, class_order: Sequence[int]) -> np.ndarray:
-    """EMA samples, one row per class in ``class_order`` (head to tail), fixed seeds."""
+               cfg: Config, class_order: Sequence[int], codec=None) -> np.ndarray:
+    """EMA samples, one row per class in ``class_order`` (head to tail), fixed seeds;
+    ``codec`` (a ``raydiff.vae.LatentCodec``) decodes a latent-space model's samples."""
     per_class = cfg.train.preview_per_class
     labels = [int(c) for c in class_order for _ in range(per_class)]
     seeds = list(range(len(labels)))  # the same noise at every checkpoint: progress is visible
-    images = to_uint8(sample_images(model, diffusion, labels, seeds, cfg.sample))
+    x = sample_images(model, diffusion, labels, seeds, cfg.sample, clamp=codec is None)
+    images = to_uint8(x) if codec is None else codec.decode(x)
     return image_grid(images, per_class)

@@ -86,7 +86,8 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.Tensor,
                 noise: ImageNoise, shape: Sequence[int], steps: int = 100,
-                eta: float = 0.0, clip_x0: bool = False, last_step: str = "x0") -> torch.Tensor:
+                eta: float = 0.0, clip_x0: bool = False, last_step: str = "x0",
+                clamp: bool = True) -> torch.Tensor:
     """DDIM (Song et al. 2021, Eq. 12); eta = 0 is deterministic given x_T.
 
     The timesteps are diffusers' ``timestep_spacing="leading"`` (``ddim_timesteps``). The last
@@ -94,6 +95,7 @@ def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.T
     prediction (diffusers' ``set_alpha_to_one=True``); ``"identity"`` stays at alpha_bar_0 and
     so returns x_0 itself, sqrt(1 - alpha_bar_0) eps = 0.01 eps of noise included, which is
     what the released CCUA sampler does (diffusers' ``set_alpha_to_one=False``).
+    ``clamp=False`` returns x0 unclamped: latents are not confined to [-1, 1].
     """
     if last_step not in ("x0", "identity"):
         raise ValueError(f"last_step={last_step!r} must be 'x0' or 'identity'")
@@ -111,12 +113,13 @@ def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.T
         x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0 and t_prev >= 0:
             x = x + sigma * noise.randn(shape)
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clamp else x
 
 
 def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.Tensor,
                 noise: ImageNoise, shape: Sequence[int], steps: int | None = None,
-                eta: float = 1.0, clip_x0: bool = False, last_step: str = "x0") -> torch.Tensor:
+                eta: float = 1.0, clip_x0: bool = False, last_step: str = "x0",
+                clamp: bool = True) -> torch.Tensor:
     """Ancestral sampling over all T steps with the "fixedlarge" variance (pytorch-ddpm).
 
     ``steps``, ``eta`` and ``last_step`` exist only to share the sampler signature; ancestral
@@ -132,7 +135,7 @@ def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, labels: torch.T
             x = mean + diffusion.at(diffusion.fixedlarge_std, t, x) * noise.randn(shape)
         else:
             x = mean
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clamp else x
 
 
 SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample}
@@ -205,10 +208,12 @@ FLOW_SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "sde": sde_sample}
 
 @torch.inference_mode()
 def sample_images(model: nn.Module, diffusion: GaussianDiffusion | FlowMatching,
-                  labels: Sequence[int], seeds: Sequence[int], cfg: SampleConfig) -> torch.Tensor:
+                  labels: Sequence[int], seeds: Sequence[int], cfg: SampleConfig,
+                  clamp: bool = True) -> torch.Tensor:
     """Samples (B, C, H, W) for the given labels and per-image seeds: images in [-1, 1]
-    under DDPM; under flow matching the integrator's end point x1, unclamped (it may be a
-    latent, whose range is not [-1, 1]).
+    under DDPM (with ``clamp=False``, the network's data space unclamped: latents, which a
+    VAE decodes); under flow matching the integrator's end point x1, never clamped (it may
+    be a latent, whose range is not [-1, 1]).
 
     ``model`` must be in eval mode (dropout off); EMA weights are what one samples from.
     """
@@ -232,7 +237,7 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion | FlowMatching,
         return diffusion.eps_from_output(x, t, guided(x, t, y))
     return SAMPLERS[cfg.sampler](model_fn, diffusion, y, ImageNoise(seeds, device), shape,
                                 steps=cfg.steps, eta=cfg.eta, clip_x0=cfg.clip_x0,
-                                last_step=cfg.ddim_last_step)
+                                last_step=cfg.ddim_last_step, clamp=clamp)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -243,16 +248,17 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def sample_aligned(model: torch.nn.Module, diffusion: GaussianDiffusion | FlowMatching,
                    cfg: SampleConfig, indices: np.ndarray, labels: np.ndarray,
-                   seeds: np.ndarray, forward_batch: int) -> np.ndarray:
+                   seeds: np.ndarray, forward_batch: int, decode=None) -> np.ndarray:
     """uint8 NHWC images of the given indices, each computed at its fixed block position.
 
     Block b of ``forward_batch`` rows holds indices [b M, (b+1) M); a row whose index is not
     requested is padding (a copy of a requested row), so the network always sees M rows and
-    image i always sits at row i % M.
+    image i always sits at row i % M. ``decode`` (a latent codec's: unclamped latents ->
+    uint8 NHWC) turns each whole block into images, so its bytes are fixed by the block too;
+    None: pixel space (``to_uint8``).
     """
     indices, labels, seeds = (np.asarray(a, np.int64) for a in (indices, labels, seeds))
-    res = model.cfg.resolution
-    out = np.empty((len(indices), res, res, model.cfg.in_channels), np.uint8)
+    out = None
     blocks = indices // forward_batch
     for block in np.unique(blocks):
         rows = np.flatnonzero(blocks == block)
@@ -260,6 +266,10 @@ def sample_aligned(model: torch.nn.Module, diffusion: GaussianDiffusion | FlowMa
         block_labels = np.full(forward_batch, labels[rows[0]])
         block_seeds = np.full(forward_batch, seeds[rows[0]])
         block_labels[slots], block_seeds[slots] = labels[rows], seeds[rows]
-        images = sample_images(model, diffusion, block_labels.tolist(), block_seeds.tolist(), cfg)
-        out[rows] = to_uint8(images)[slots]
-    return out
+        x = sample_images(model, diffusion, block_labels.tolist(), block_seeds.tolist(), cfg,
+                          clamp=decode is None)
+        images = (to_uint8(x) if decode is None else decode(x))[slots]
+        if out is None:
+            out = np.empty((len(indices), *images.shape[1:]), np.uint8)
+        out[rows] = images
+    return out if out is not None else np.zeros((0, 0, 0, 3), np.uint8)

@@ -36,7 +36,7 @@ def test_the_parser_offers_what_the_modules_accept():
     from raydiff.classifier import ARCHS
     from raydiff.config import CLASSIFIER_ARCHS
     from raydiff.data.mixing import RULES
-    from raydiff.data.parquet import DEFAULT_ROWS_PER_SHARD
+    from raydiff.data.parquet import DEFAULT_ROWS_PER_SHARD, LATENT_DTYPES
     from raydiff.data.prepare import SOURCES
     from raydiff.data.samples import FORMATS
     from raydiff.metrics import METRICS
@@ -44,6 +44,7 @@ def test_the_parser_offers_what_the_modules_accept():
     assert cli.SOURCES == SOURCES and cli.SAMPLE_FORMATS == FORMATS
     assert cli.EVAL_METRICS == METRICS and cli.MIX_RULES == RULES
     assert cli.DEFAULT_ROWS_PER_SHARD == DEFAULT_ROWS_PER_SHARD
+    assert cli.LATENT_DTYPES == LATENT_DTYPES
     assert cli.METRIC_SUBSET == METRIC_SUBSET
     assert tuple(ARCHS) == CLASSIFIER_ARCHS
 

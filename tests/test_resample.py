@@ -194,7 +194,7 @@ def test_a_resumed_in_memory_run_sees_the_batches_an_uninterrupted_one_does(fact
     import torch
 
     from raydiff import config as config_lib
-    from raydiff.distributed.train import _memory_batches
+    from raydiff.distributed.train import ModelInput, _memory_batches
 
     labels = np.repeat(np.arange(4), [40, 20, 10, 5])
     images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(
@@ -203,8 +203,8 @@ def test_a_resumed_in_memory_run_sees_the_batches_an_uninterrupted_one_does(fact
                                                 f"train.resample_factor={factor}"])
 
     def rows(rank: int, world: int, start: int, steps: int) -> list[list[int]]:
-        batches = _memory_batches(images, labels, cfg, rank, world, start, torch.device("cpu"),
-                                  None)
+        batches = _memory_batches({"image": images, "label": labels}, cfg, rank, world, start,
+                                  torch.device("cpu"), ModelInput(cfg, None))  # no flips
         out = []
         for _ in range(steps):
             x0, y = next(batches)

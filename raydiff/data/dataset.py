@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from raydiff.data.images import decode_png
-from raydiff.data.parquet import DatasetInfo, load_info, read_split
+from raydiff.data.parquet import DatasetInfo, load_info, read_latent_arrays, read_split
 from raydiff.errors import RaydiffError
 
-OUTPUTS = ("uint8", "float")
+OUTPUTS = ("uint8", "float", "latent")
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,9 @@ class SplitDataset(torch.utils.data.Dataset):
     Items are ``(image, label)``: ``image`` is a 3xHxW tensor, uint8 (``output="uint8"``) or
     float32 in [-1, 1] (``output="float"``), after the optional ``transform``; ``label`` an int.
     Keeping the compressed bytes (a few KB per image) lets a whole long-tailed split sit in
-    memory while decoding stays in the DataLoader workers.
+    memory while decoding stays in the DataLoader workers. ``output="latent"`` (a latent
+    dataset's training split) gives the image's scaled VAE posterior mean instead, float32
+    C x h x w (both latent columns are read into memory).
     """
 
     def __init__(
@@ -45,16 +47,23 @@ class SplitDataset(torch.utils.data.Dataset):
         if output not in OUTPUTS:
             raise RaydiffError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         self.info: DatasetInfo = load_info(dataset_dir)
+        self.output = output
+        self.transform = transform
+        if output == "latent":
+            self.latents, _, self.labels = read_latent_arrays(dataset_dir, split)
+            return
         table = read_split(dataset_dir, split, columns=["image", "label"])
         self.images: list[bytes] = table.column("image").to_pylist()
         self.labels: np.ndarray = table.column("label").to_numpy().astype(np.int64)
-        self.output = output
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.output == "latent":  # the image as stored (orientation 0), not its mirror
+            latent = torch.from_numpy(self.latents[index, 0].astype(np.float32))
+            return (latent if self.transform is None else self.transform(latent),
+                    int(self.labels[index]))
         image = torch.from_numpy(decode_png(self.images[index]).copy()).permute(2, 0, 1)
         if self.output == "float":
             image = to_float(image)

@@ -11,6 +11,16 @@ index) and ``source`` (where the image came from: a CIFAR index, a list-file pat
 are written in a seeded random order, so any contiguous run of rows (a Ray Data block, a
 shard) mixes classes as the whole split does.
 
+A latent dataset (``raydiff prepare --latents VAE``; ``DatasetInfo.latent``) keeps all of
+that, images included, and its training rows also hold ``latent_mean`` and ``latent_std``:
+the VAE posterior's mean and standard deviation times the scale, for the image and for its
+horizontal mirror, each a fixed-size list of ``2 * C * h * w`` float16 (or float32) values
+in (orientation, channel, row, column) order. Training draws a posterior sample from them
+(``mean + std * eps``) of the image or, with ``train.hflip``, of its mirror: what the
+released CCUA-SiT code computes by encoding a randomly flipped image at every step. The
+images stay, so everything that reads images (evaluation, copy rate, ``raydiff classify``)
+reads a latent dataset as it reads any other.
+
 Reading works on local paths and on any URI pyarrow opens (``s3://``, ``gs://``, ...); writing
 is local only, because ``prepare`` relies on an atomic rename (copy the folder up afterwards).
 Nothing here imports Ray: ``ray.data.read_parquet(split_paths(dir, "train"))`` is the Ray side.
@@ -60,6 +70,39 @@ SCHEMA = pa.schema(
 )
 # PNG bytes do not compress further; the small label/source columns do.
 _COMPRESSION = {"image": "NONE", "label": "SNAPPY", "source": "SNAPPY"}
+LATENT_COLUMNS = ("latent_mean", "latent_std")
+LATENT_DTYPES = ("float16", "float32")
+LATENT_ORIENTATIONS = ("as stored", "mirrored")  # axis 0 of a row's latent arrays
+
+
+@dataclass(frozen=True)
+class LatentInfo:
+    """dataset.json's ``latent`` entry: which VAE encoded the training split, and how."""
+
+    vae: str  # the name or folder ``--latents`` gave
+    sha256: str  # of the VAE's weights file
+    scale: float
+    channels: int
+    resolution: int  # latent side; the images' side is DatasetInfo.resolution
+    dtype: str  # storage type of the latent columns
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one row's ``latent_mean`` (and ``latent_std``)."""
+        return (len(LATENT_ORIENTATIONS), self.channels, self.resolution, self.resolution)
+
+    def to_json(self) -> dict:
+        return {"vae": self.vae, "vae_sha256": self.sha256, "scale": self.scale,
+                "channels": self.channels, "resolution": self.resolution, "dtype": self.dtype,
+                "splits": ["train"], "orientations": list(LATENT_ORIENTATIONS),
+                "encoding": "posterior mean and std of AutoencoderKL.encode(image / 127.5 - 1), "
+                            "times scale"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LatentInfo:
+        return cls(vae=str(data["vae"]), sha256=str(data["vae_sha256"]),
+                   scale=float(data["scale"]), channels=int(data["channels"]),
+                   resolution=int(data["resolution"]), dtype=str(data["dtype"]))
 
 
 @dataclass(frozen=True)
@@ -76,6 +119,7 @@ class DatasetInfo:
     files: dict[str, tuple[str, ...]]
     build: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    latent: LatentInfo | None = None  # None: images only
 
     @property
     def num_classes(self) -> int:
@@ -116,8 +160,12 @@ class DatasetInfo:
                 "image": "PNG bytes, RGB",
                 "label": "int64 class index",
                 "source": "where the image came from",
+                **({} if self.latent is None else {
+                    name: f"train split: {self.latent.dtype} x {list(self.latent.row_shape)}, "
+                          f"(orientation, channel, row, column)" for name in LATENT_COLUMNS}),
             },
             "build": self.build,
+            **({} if self.latent is None else {"latent": self.latent.to_json()}),
         }
 
     @classmethod
@@ -143,6 +191,7 @@ class DatasetInfo:
                 files={s: tuple(data["splits"][s]["files"]) for s in SPLITS},
                 build=dict(data.get("build", {})),
                 format_version=version,
+                latent=LatentInfo.from_json(data["latent"]) if data.get("latent") else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise RaydiffError(f"{where}: not a raydiff dataset.json ({err!r})") from None
@@ -207,9 +256,12 @@ def check_split(dataset_dir: str | Path, split: str, info: DatasetInfo | None = 
         try:
             with fs.open_input_file(f"{base}/{rel}") as f:
                 meta = pq.ParquetFile(f).metadata
-                column = meta.schema.to_arrow_schema().get_field_index("label")
+                schema = meta.schema.to_arrow_schema()
+                column = schema.get_field_index("label")
                 if column < 0:
                     raise RaydiffError(f"{where} has no label column")
+                if split == "train" and info.latent is not None:
+                    _check_latent_field(schema, info.latent, where)
                 low, high = _label_range(meta, column)
                 if low is None:  # no statistics: read the (small) label column
                     labels = pq.read_table(f, columns=["label"]).column("label")
@@ -387,3 +439,75 @@ def write_split(
     for chunk, encoded in _encoded_chunks(plan, resolution, pool, chunk_rows, in_flight):
         writer.add(encoded, chunk.labels.tolist(), chunk.sources)
     return writer.close()
+
+
+# --- latent columns (``raydiff prepare --latents``) -------------------------------------------
+
+def _check_latent_field(schema: pa.Schema, latent: LatentInfo, where: str) -> None:
+    size = int(np.prod(latent.row_shape))
+    value_type = pa.from_numpy_dtype(np.dtype(latent.dtype))
+    for name in LATENT_COLUMNS:
+        index = schema.get_field_index(name)
+        found = schema.field(index).type if index >= 0 else None
+        if not (found is not None and pa.types.is_fixed_size_list(found)
+                and found.list_size == size and found.value_type == value_type):
+            raise RaydiffError(f"{where} has no {name} column of {latent.dtype} x "
+                               f"{list(latent.row_shape)} as {INFO_FILE} says")
+
+
+def latent_column(values: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
+    """(N, *row_shape) latents as a fixed-size list column of ``dtype``."""
+    flat = np.ascontiguousarray(values, dtype=np.dtype(dtype)).reshape(len(values), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+
+def latent_arrays(table: pa.Table, row_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The latent columns of a table as (N, *row_shape) arrays of their stored type."""
+    out = {}
+    for name in LATENT_COLUMNS:
+        column = table.column(name).combine_chunks()
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        out[name] = values.reshape(len(column), *row_shape)
+    return out
+
+
+def write_latent_columns(shard: Path, mean: np.ndarray, std: np.ndarray, dtype: str) -> None:
+    """Add ``latent_mean`` and ``latent_std`` (rows in the shard's order) to a local shard,
+    replacing the file by a rename."""
+    table = pq.read_table(shard)
+    if len(mean) != table.num_rows or len(std) != table.num_rows:
+        raise RuntimeError(f"{shard}: {len(mean)} latents for {table.num_rows} rows")
+    table = table.append_column(LATENT_COLUMNS[0], latent_column(mean, dtype))
+    table = table.append_column(LATENT_COLUMNS[1], latent_column(std, dtype))
+    tmp = shard.with_name(f".{shard.name}.tmp")
+    pq.write_table(table, tmp, compression={**_COMPRESSION, LATENT_COLUMNS[0]: "NONE",
+                                            LATENT_COLUMNS[1]: "NONE"})
+    tmp.rename(shard)
+
+
+def read_latent_arrays(dataset_dir: str | Path, split: str = "train"
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A latent dataset's split as (latent_mean, latent_std, labels), in stored row order."""
+    _check_split(split)
+    info = load_info(dataset_dir)
+    if info.latent is None:
+        raise RaydiffError(f"{dataset_dir} holds images, not latents (prepare it with --latents)")
+    fs, base = _filesystem(dataset_dir)
+    paths = [f"{base}/{rel}" for rel in info.files[split]]
+    table = pq.read_table(paths, filesystem=fs, columns=[*LATENT_COLUMNS, "label"])
+    arrays = latent_arrays(table, info.latent.row_shape)
+    return (arrays["latent_mean"], arrays["latent_std"],
+            table.column("label").to_numpy().astype(np.int64))
+
+
+class LatentTrainingBatch:
+    """Ray Data batch function of a latent training pipeline (``batch_format="pyarrow"``):
+    the latent columns as (N, *row_shape) arrays, with their labels. Away from torch, as
+    ``decode_training_batch`` is."""
+
+    def __init__(self, row_shape: tuple[int, ...]):
+        self.row_shape = tuple(row_shape)
+
+    def __call__(self, table: pa.Table) -> dict:
+        return {**latent_arrays(table, self.row_shape),
+                "label": table.column("label").to_numpy().astype(np.int64)}

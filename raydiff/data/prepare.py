@@ -12,6 +12,11 @@ places-lt      --root images + split lists      ``--reference val`` list; ``test
 imagefolder    --root class-per-folder tree     the whole tree; ``--reference-root TREE``
 =============  ===============================  ===============================================
 
+``--latents VAE`` (a known name such as ``sd-vae-ft-ema``, or a VAE folder) also encodes the
+training split with that VAE in Ray Data actors (one per GPU when the cluster has GPUs) and
+stores the latents beside the images (``raydiff.data.parquet``, "latent dataset"); the images
+and the reference split stay as they are, so evaluation compares images with images.
+
 The output appears all at once: everything is written into a hidden sibling of ``--out`` and
 renamed into place at the end, and any error removes the sibling, so a folder at ``--out``
 is always a complete dataset.
@@ -30,11 +35,13 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import raydiff
+from raydiff.config import LatentConfig
 from raydiff.data import cifar, imagefiles, parquet, shapes
 from raydiff.data.longtail import BuiltSource
 from raydiff.data.parquet import (
@@ -67,6 +74,7 @@ _APPLIES_TO = {
     "num_classes": {"shapes", "imagenet-lt", "places-lt"},
     "images_per_class": {"shapes", "imagefolder"},
 }
+_LATENT_OPTIONS = ("latent_scale", "latent_dtype")  # mean something only with --latents
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,9 @@ class PrepareOptions:
     workers: int = 1
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
     overwrite: bool = False
+    latents: str | None = None  # VAE name or folder: also store the training split's latents
+    latent_scale: float | None = None  # default raydiff.vae.DEFAULT_SCALE
+    latent_dtype: str | None = None  # float16 (default) or float32
 
 
 def default_workers() -> int:
@@ -126,6 +137,15 @@ def _check_options(options: PrepareOptions) -> None:
     ratio = options.imbalance_ratio
     if ratio is not None and not (math.isfinite(ratio) and ratio >= 1):
         raise RaydiffError(f"--imbalance-ratio must be a finite number >= 1, got {ratio}")
+    for name in _LATENT_OPTIONS:
+        if getattr(options, name) is not None and not options.latents:
+            raise RaydiffError(f"--{name.replace('_', '-')} applies only with --latents")
+    scale = options.latent_scale
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise RaydiffError(f"--latent-scale must be a finite number > 0, got {scale}")
+    if options.latent_dtype is not None and options.latent_dtype not in parquet.LATENT_DTYPES:
+        raise RaydiffError(f"--latent-dtype must be one of {', '.join(parquet.LATENT_DTYPES)}, "
+                           f"got {options.latent_dtype}")
 
 
 def content_options(options: PrepareOptions) -> dict:
@@ -141,8 +161,10 @@ def content_options(options: PrepareOptions) -> dict:
         defaults["reference"] = "train"
     elif source in imagefiles.LIST_LAYOUTS:
         defaults["reference"] = "val"
+    if options.latents:
+        defaults |= {"latent_scale": LatentConfig().scale, "latent_dtype": "float16"}
     names = ("source", "resolution", "imbalance_ratio", "seed", "num_classes",
-             "images_per_class", "reference")
+             "images_per_class", "reference", "latents", *_LATENT_OPTIONS)
     values = {name: getattr(options, name) for name in names}
     return {k: defaults.get(k) if v is None else v for k, v in values.items()}
 
@@ -248,7 +270,8 @@ def _dataset_info(
 def _write_dataset(
     built: BuiltSource, options: PrepareOptions, resolution: int, staging: Path
 ) -> DatasetInfo:
-    """Both splits' shards, then dataset.json (last, so its presence means the rest is there)."""
+    """Both splits' shards (dataset.json is written last, by the caller, so its presence
+    means the rest is there)."""
     for split, plan in (("train", built.train), ("reference", built.reference)):
         bad = plan.labels[(plan.labels < 0) | (plan.labels >= built.num_classes)]
         if len(bad):  # a source that reads labels from a list file can hold any number
@@ -263,9 +286,7 @@ def _write_dataset(
                 plan, staging / split, resolution=resolution, seed=(options.seed, index),
                 pool=pool, rows_per_shard=options.rows_per_shard, in_flight=2 * options.workers,
             )  # fmt: skip
-    info = _dataset_info(built, options, resolution, files)
-    (staging / INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
-    return info
+    return _dataset_info(built, options, resolution, files)
 
 
 def reuse_problem(out: str, options: PrepareOptions, info: DatasetInfo) -> str | None:
@@ -284,16 +305,35 @@ def reuse_problem(out: str, options: PrepareOptions, info: DatasetInfo) -> str |
     return f"its shard {missing[0]} is missing" if missing else None
 
 
-def prepare_dataset(options: PrepareOptions) -> DatasetInfo:
-    """Build the dataset described by ``options`` at ``options.out``, atomically."""
+def prepare_dataset(options: PrepareOptions, encode_latents: Callable | None = None
+                    ) -> DatasetInfo:
+    """Build the dataset described by ``options`` at ``options.out``, atomically.
+    ``encode_latents`` adds the latent columns of ``--latents`` (the Ray layer's
+    ``raydiff.distributed.latents.encode_train_split``: the data layer never imports it)."""
     _check_options(options)
     out = options.out.expanduser().absolute()
     _check_output(out, options.overwrite)
-    resolution = content_options(options)["resolution"]
+    content = content_options(options)
+    resolution = content["resolution"]
+    vae = None
+    if options.latents:  # the VAE is found and checked before anything is read or written
+        if encode_latents is None:
+            raise RaydiffError("--latents encodes in Ray Data actors: run 'raydiff prepare', "
+                               "or pass encode_latents=raydiff.distributed.latents."
+                               "encode_train_split")
+        from raydiff.vae import check_vae
+
+        vae = check_vae(options.latents, content["latent_scale"], resolution)
     built = build_source(options)
     staging = _make_staging_dir(out)
     try:
         info = _write_dataset(built, options, resolution, staging)
+        if vae is not None:
+            latent = encode_latents(staging / "train", [Path(f).name for f in
+                                                        info.files["train"]],
+                                    vae, content["latent_dtype"], options.workers)
+            info = dataclasses.replace(info, latent=latent)
+        (staging / INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
         _move_into_place(staging, out)
     except BrokenProcessPool:
         shutil.rmtree(staging, ignore_errors=True)
@@ -314,6 +354,10 @@ def prepare_dataset(options: PrepareOptions) -> DatasetInfo:
 def summary(info: DatasetInfo, out: Path, seconds: float) -> str:
     """A few lines for people: what was built, where, and how long it took."""
     lines = [f"prepared {info.source} at {out} in {seconds:.1f} s ({info.resolution} px)"]
+    if info.latent is not None:
+        la = info.latent
+        lines.append(f"  latents   {la.channels}x{la.resolution}x{la.resolution} {la.dtype} of "
+                     f"VAE {la.vae} (sha256 {la.sha256[:12]}...), scale {la.scale}, train split")
     for split in SPLITS:
         counts = info.counts(split)
         lines.append(
@@ -334,21 +378,22 @@ def upload_dataset(local: Path, uri: str) -> None:
         folder.put_file(local / relative, relative)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, encode_latents: Callable | None = None) -> int:
     """The CLI entry point: prepare, then print a short summary. An ``--out`` URI is built
     in a local temporary folder and uploaded (``upload_dataset``)."""
     uri = str(args.out)
     options = options_from_args(args)
     start = time.perf_counter()
     if not is_uri(uri):
-        info = prepare_dataset(options)
+        info = prepare_dataset(options, encode_latents)
         print(summary(info, options.out, time.perf_counter() - start))
         return 0
     if Folder(uri).is_file(INFO_FILE) and not options.overwrite:
         raise RaydiffError(f"--out {uri} holds a prepared dataset (pass --overwrite to replace it)")
     with tempfile.TemporaryDirectory(prefix="raydiff-prepare-") as staging:
         local = Path(staging) / "dataset"
-        info = prepare_dataset(dataclasses.replace(options, out=local, overwrite=False))
+        info = prepare_dataset(dataclasses.replace(options, out=local, overwrite=False),
+                               encode_latents)
         upload_dataset(local, uri)
     print(summary(info, uri, time.perf_counter() - start))
     return 0

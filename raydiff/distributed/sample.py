@@ -21,7 +21,10 @@ for ``benchmarks/sample_throughput.py`` to compare against: the actors return PN
 (blocks of ``--actor-batch`` images) and ``ShardWriter`` on the driver assembles and writes
 each shard. Both write the same bytes.
 
-What an image is, and the output folder: ``raydiff.data.samples``.
+What an image is, and the output folder: ``raydiff.data.samples``. A latent-space model's
+samples are decoded by the actors with the VAE its config names (``latent``), each
+forward block whole, so shards hold images either way and the manifest's identity records
+the VAE.
 
 Why a fixed forward batch: one seed per image is not enough for identical bytes, because the
 network is not batch-invariant: oneDNN on CPU (cuDNN on GPU) picks kernels by batch shape, so
@@ -168,11 +171,19 @@ class SampleActor:
             self.model.compile()
         self.diffusion = make_process(self.cfg.diffusion)
         self.forward_batch = forward_batch
+        self.decode = None
+        latent = self.cfg.latent
+        if latent.vae:  # a latent-space model: its samples are decoded here, shards hold images
+            from raydiff.vae import LatentCodec
+
+            self.decode = LatentCodec.open(latent.vae, latent.scale, device,
+                                           sha256=latent.sha256 or None,
+                                           batch_size=forward_batch).decode
 
     def png(self, index: np.ndarray, label: np.ndarray, seed: np.ndarray) -> np.ndarray:
         """PNG bytes (an object array) of the given images."""
         images = sample_aligned(self.model, self.diffusion, self.cfg.sample, index, label, seed,
-                                self.forward_batch)
+                                self.forward_batch, decode=self.decode)
         encoded = np.empty(len(index), dtype=object)
         encoded[:] = encode_png_batch(images)
         return encoded
@@ -286,6 +297,11 @@ def prepare_run(job: SampleJob) -> SampleRun:
     last_step = sampler.pop("sde_last_step")
     if sample.sampler == "sde":  # only the SDE reads it: other manifests are what they were
         sampler["sde_last_step"] = last_step
+    latent = cfg.latent
+    if latent.vae:  # the actors decode with it: found (or fetched) before the output is claimed
+        from raydiff.vae import resolve_vae
+
+        resolve_vae(latent.vae)
     identity = {
         "checkpoint_ema_sha256": ema_sha256,
         "sampler": sampler,
@@ -294,11 +310,15 @@ def prepare_run(job: SampleJob) -> SampleRun:
         "classes": list(classes),
         "per_class": job.per_class,
         "shard_size": job.shard_size,
-        "resolution": cfg.model.resolution,
+        # the images' side: a latent-space model's decoded images are larger than its input
+        "resolution": latent.image_resolution or cfg.model.resolution,
         "num_classes": cfg.model.num_classes,
     }
     if compiled:  # only when on: an eager run's manifest is what it was before the option
         identity["compile"] = True
+    if latent.vae:  # only then: a pixel-space run's manifest is what it was before latents
+        identity["latent"] = {"vae": latent.vae, "vae_sha256": latent.sha256,
+                              "scale": latent.scale}
     return SampleRun(job, plan, checkpoint, cfg, identity, step)
 
 

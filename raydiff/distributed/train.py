@@ -74,11 +74,36 @@ class TrainJob:
 
 # --- driver-side checks ---------------------------------------------------------------------
 
-def fit_config_to_data(cfg: Config, info: parquet.DatasetInfo) -> Config:
-    """Take the class count and resolution from the dataset the run trains on."""
-    model = dataclasses.replace(cfg.model, num_classes=info.num_classes,
-                                resolution=info.resolution)
-    return dataclasses.replace(cfg, model=model)
+def fit_config_to_data(cfg: Config, info: parquet.DatasetInfo, data: str = "the dataset"
+                       ) -> Config:
+    """Take the class count and the side of what the network sees (the images', or the
+    latents' of a latent dataset) from the dataset the run trains on, and the latent section
+    from a latent dataset. Channels, and a latent section set in the config, must match."""
+    latent = info.latent
+    channels, side = (3, info.resolution) if latent is None else (latent.channels,
+                                                                  latent.resolution)
+    what = "images" if latent is None else f"latents of VAE {latent.vae}"
+    if cfg.model.in_channels != channels:
+        raise RaydiffError(f"config model.in_channels={cfg.model.in_channels} does not fit "
+                           f"{data}: its {what} have {channels} channels (pass --set "
+                           f"model.in_channels={channels})")
+    la = cfg.latent
+    if latent is None:
+        if la.vae:
+            raise RaydiffError(f"config latent.vae={la.vae!r} but {data} holds images, not "
+                               "latents (prepare it with --latents)")
+        fitted = la
+    else:
+        found = {"vae": latent.vae, "sha256": latent.sha256, "scale": latent.scale,
+                 "image_resolution": info.resolution}
+        if la.vae:
+            for key, value in found.items():
+                if getattr(la, key) not in (value, "", 0):
+                    raise RaydiffError(f"config latent.{key}={getattr(la, key)!r} does not fit "
+                                       f"{data}: its latents have {key} {value!r}")
+        fitted = dataclasses.replace(la, **found)
+    model = dataclasses.replace(cfg.model, num_classes=info.num_classes, resolution=side)
+    return dataclasses.replace(cfg, model=model, latent=fitted)
 
 
 def check_resume(job: TrainJob) -> int:
@@ -91,6 +116,10 @@ def check_resume(job: TrainJob) -> int:
     found = config_lib.from_dict(Folder(run_dir(job.storage, job.name)).read_json(
         f"{dir_name}/config.json"))
     diffs = describe_mismatch(found.model, job.cfg.model)
+    for f in dataclasses.fields(config_lib.LatentConfig):  # same shapes, another space
+        was, now = getattr(found.latent, f.name), getattr(job.cfg.latent, f.name)
+        if was != now:
+            diffs.append(f"latent.{f.name}: checkpoint {was!r}, requested {now!r}")
     if diffs:
         raise RaydiffError(f"cannot resume run {job.name!r} from {dir_name} with data "
                            f"{job.data}: " + "; ".join(diffs))
@@ -110,6 +139,11 @@ def check_batch(job: TrainJob, info: parquet.DatasetInfo) -> None:
 # --- the data pipeline ----------------------------------------------------------------------
 
 def decoded_bytes(info: parquet.DatasetInfo, cfg: Config) -> int:
+    """The training split's size as the workers read it: uint8 pixels, or both latent
+    columns of a latent dataset."""
+    if info.latent is not None:
+        row = int(np.prod(info.latent.row_shape)) * np.dtype(info.latent.dtype).itemsize
+        return info.num_images("train") * len(parquet.LATENT_COLUMNS) * row
     return info.num_images("train") * info.resolution ** 2 * cfg.model.in_channels
 
 
@@ -135,8 +169,9 @@ def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
     tasks and kept in the object store in blocks of about ``_BLOCK_BATCHES`` batches; each
     epoch then only reorders those blocks. A larger split streams: every epoch reads and
     decodes the Parquet shards again. Each worker shuffles locally (a buffer of
-    ``_SHUFFLE_BUFFER_BATCHES`` batches); flips are drawn by the worker, on its device
-    (``_model_input``).
+    ``_SHUFFLE_BUFFER_BATCHES`` batches); flips (and a latent dataset's posterior samples)
+    are drawn by the worker, on its device (``ModelInput``). Of a latent dataset only the
+    latent columns are read.
     """
     import ray
 
@@ -147,19 +182,23 @@ def build_dataset(data: str, info: parquet.DatasetInfo, cfg: Config):
     context.print_on_execution_start = runtime.verbose()
     decode_once = decoded_bytes(info, cfg) <= DECODE_ONCE_MAX_BYTES
     blocks = max(1, info.num_images("train") // (_BLOCK_BATCHES * cfg.optim.batch_size))
-    ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(
-        ["image", "label"])
+    if info.latent is None:
+        columns, decode = ["image", "label"], {"fn": parquet.decode_training_batch,
+                                               "batch_format": "numpy"}
+    else:  # only the latent columns are read; the images stay on storage
+        columns = [*parquet.LATENT_COLUMNS, "label"]
+        decode = {"fn": parquet.LatentTrainingBatch(info.latent.row_shape),
+                  "batch_format": "pyarrow"}
+    ds = ray.data.read_parquet(parquet.split_paths(data, "train")).select_columns(columns)
     if decode_once:
-        ds = ds.map_batches(parquet.decode_training_batch,
-                            batch_format="numpy").repartition(blocks).materialize()
+        ds = ds.map_batches(**decode).repartition(blocks).materialize()
     ds = ds.randomize_block_order()
     if cfg.train.resample_factor > 0:
         rates = repeat_rates(info.counts("train"), cfg.train.resample_factor)
         # A global shuffle of the rows, every epoch: it spreads the copies of a row over the
         # epoch, as the released sampler's independent draws are (resample.py).
         ds = ds.map_batches(Resample(rates), batch_format="numpy").random_shuffle()
-    return ds if decode_once else ds.map_batches(parquet.decode_training_batch,
-                                                 batch_format="numpy")
+    return ds if decode_once else ds.map_batches(**decode)
 
 
 # --- the worker -----------------------------------------------------------------------------
@@ -175,22 +214,56 @@ def _model_input(images: torch.Tensor, labels: torch.Tensor,
     return x0, labels.long()
 
 
+def _latent_input(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,
+                  generator: torch.Generator, hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a latent dataset -> one posterior sample each, float32 NCHW: x0 = mean + std *
+    eps of the image or (``hflip``, probability 1/2) of its mirror, as the released CCUA-SiT
+    code's ``vae.encode(flip(x)).latent_dist.sample() * scale`` draws it. Latents themselves
+    are never flipped: the VAE is not mirror-symmetric."""
+    rows = torch.arange(mean.shape[0], device=mean.device)
+    mirrored = torch.zeros_like(rows)
+    if hflip:
+        mirrored = (torch.rand(mean.shape[0], device=mean.device, generator=generator)
+                    < 0.5).long()
+    m, s = mean[rows, mirrored].float(), std[rows, mirrored].float()
+    eps = torch.randn(m.shape, device=m.device, generator=generator)
+    return m + s * eps, labels.long()
+
+
+class ModelInput:
+    """A batch of training rows (a dict of tensors on the device) -> (x0, labels) for the
+    engine: uint8 images to [-1, 1] (flipped with ``train.hflip``), or latent rows to
+    posterior samples. ``generator`` draws the flips and the posterior noise (the worker
+    seeds it by seed, rank and the step it starts from)."""
+
+    def __init__(self, cfg: Config, generator: torch.Generator | None):
+        self.latent, self.hflip, self.generator = bool(cfg.latent.vae), cfg.train.hflip, generator
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.latent:
+            return _latent_input(batch["latent_mean"], batch["latent_std"], batch["label"],
+                                 self.generator, self.hflip)
+        return _model_input(batch["image"], batch["label"],
+                            self.generator if self.hflip else None)
+
+
 def _stream_batches(shard, batch_size: int, device: torch.device,
-                    flip_generator: torch.Generator | None) -> Iterator[tuple]:
+                    model_input: ModelInput) -> Iterator[tuple]:
     """Endless batches from a Ray Data shard, epoch after epoch."""
     while True:
         for batch in shard.iter_torch_batches(
                 batch_size=batch_size, drop_last=True, device=device,
                 local_shuffle_buffer_size=_SHUFFLE_BUFFER_BATCHES * batch_size):
-            yield _model_input(batch["image"], batch["label"], flip_generator)
+            yield model_input(batch)
 
 
-def _memory_batches(images: np.ndarray, labels: np.ndarray, cfg: Config, rank: int, world: int,
+def _memory_batches(arrays: dict[str, np.ndarray], cfg: Config, rank: int, world: int,
                     start_step: int, device: torch.device,
-                    flip_generator: torch.Generator | None) -> Iterator[tuple]:
-    """Endless batches of a split held in memory: this worker's share of every global batch
-    of ``epoch_batches``, from the batch of ``start_step`` on (a resumed run continues the
-    epoch it stopped in)."""
+                    model_input: ModelInput) -> Iterator[tuple]:
+    """Endless batches of a split held in memory (``arrays``: its columns, ``label`` among
+    them): this worker's share of every global batch of ``epoch_batches``, from the batch of
+    ``start_step`` on (a resumed run continues the epoch it stopped in)."""
+    labels = arrays["label"]
     batch = cfg.optim.batch_size
     per_epoch = steps_per_epoch(len(labels), batch)
     epoch, offset = divmod(start_step, per_epoch)
@@ -198,8 +271,8 @@ def _memory_batches(images: np.ndarray, labels: np.ndarray, cfg: Config, rank: i
         order = epoch_batches(len(labels), batch, cfg.train.seed, epoch, rank, world, labels,
                               cfg.model.num_classes, cfg.train.resample_factor)
         for rows in order[offset:]:
-            yield _model_input(torch.from_numpy(images[rows]).to(device),
-                               torch.from_numpy(labels[rows]).to(device), flip_generator)
+            yield model_input({name: torch.from_numpy(column[rows]).to(device)
+                               for name, column in arrays.items()})
         epoch, offset = epoch + 1, 0
 
 
@@ -227,8 +300,9 @@ class SideWork:
     """
 
     def __init__(self, engine: Engine, counts: list[int], runlog: RunLog,
-                 quickeval: QuickEval | None):
+                 quickeval: QuickEval | None, codec=None):
         self.engine, self.runlog, self.quickeval = engine, runlog, quickeval
+        self.codec = codec  # decodes a latent-space model's previews
         self.head_to_tail = [int(c) for c in np.argsort(class_ranks(counts))]
         self.snapshot = copy.deepcopy(engine.ema.model)
         self.diffusion = make_process(engine.cfg.diffusion)
@@ -268,7 +342,7 @@ class SideWork:
                 out = {"eval_step": step, **{f"eval/{k}": v for k, v in measured.items()}}
             if preview:
                 self.runlog.add_image(class_grid(self.snapshot, self.diffusion, self.engine.cfg,
-                                                 self.head_to_tail), step)
+                                                 self.head_to_tail, self.codec), step)
             return out
 
     def close(self) -> None:
@@ -313,20 +387,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, str | None]:
     runlog = runtime.worker_runlog(loop_config, cfg, start_step, rank)
     side = None
     if rank == 0:
+        codec = None
+        needs_images = loop_config.get("eval") or cfg.train.preview_per_class > 0
+        if cfg.latent.vae and needs_images:
+            from raydiff.vae import LatentCodec
+
+            codec = LatentCodec.open(cfg.latent.vae, cfg.latent.scale, device,
+                                     sha256=cfg.latent.sha256 or None)
         quickeval = None
         if loop_config.get("eval"):
             reference = ray.get(loop_config["eval_reference"][0])
-            quickeval = QuickEval(EvalSpec(**loop_config["eval"]), reference, device)
-        side = SideWork(engine, counts, runlog, quickeval)
-    flips = None
-    if cfg.train.hflip:
-        flips = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, rank, start_step))
+            quickeval = QuickEval(EvalSpec(**loop_config["eval"]), reference, device, codec)
+        side = SideWork(engine, counts, runlog, quickeval, codec)
+    generator = None
+    if cfg.train.hflip or cfg.latent.vae:
+        generator = torch.Generator(device).manual_seed(
+            step_seed(cfg.train.seed, rank, start_step))
+    model_input = ModelInput(cfg, generator)
     if loop_config.get("in_memory"):
-        images, labels = ray.get(loop_config["in_memory"])
-        batches = _memory_batches(images, labels, cfg, rank, world, start_step, device, flips)
+        columns = ray.get(loop_config["in_memory"])
+        names = [*parquet.LATENT_COLUMNS, "label"] if cfg.latent.vae else ["image", "label"]
+        batches = _memory_batches(dict(zip(names, columns)), cfg, rank, world, start_step,
+                                  device, model_input)
     else:
         batches = _stream_batches(ray.train.get_dataset_shard("train"),
-                                  cfg.optim.batch_size // world, device, flips)
+                                  cfg.optim.batch_size // world, device, model_input)
 
     seen, tick = 0, time.perf_counter()
     total, tc = cfg.optim.total_steps, cfg.train
@@ -365,7 +450,11 @@ def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.
     the cluster's resources; no worker starts."""
     info = parquet.load_info(job.data)
     parquet.check_split(job.data, "train", info)
-    job = dataclasses.replace(job, cfg=fit_config_to_data(job.cfg, info))
+    job = dataclasses.replace(job, cfg=fit_config_to_data(job.cfg, info, job.data))
+    if job.cfg.latent.vae:  # rank 0 decodes previews with it: found (or fetched) now or never
+        from raydiff.vae import resolve_vae
+
+        resolve_vae(job.cfg.latent.vae)
     check_batch(job, info)
     resumed = check_resume(job)
     if cluster:
@@ -374,9 +463,12 @@ def prepare_job(job: TrainJob, cluster: bool = True) -> tuple[TrainJob, parquet.
 
 
 def put_split(data: str) -> list:
-    """A training split decoded into Ray's object store: [images, labels] ObjectRefs."""
+    """A training split decoded into Ray's object store: ObjectRefs of [images, labels], or of
+    [latent_mean, latent_std, labels] for a latent dataset."""
     import ray
 
+    if parquet.load_info(data).latent is not None:
+        return [ray.put(column) for column in parquet.read_latent_arrays(data, "train")]
     images, labels = parquet.read_split_arrays(data, "train")
     return [ray.put(images), ray.put(labels)]
 

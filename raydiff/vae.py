@@ -99,7 +99,9 @@ def _download(name: str, cache: Path, download: bool, endpoint: str | None) -> P
     staging = cache / f".{name}.tmp-{os.getpid()}"
     try:
         for filename in (CONFIG_FILE, WEIGHTS_FILE):
-            hf_hub_download(repo, filename, local_dir=staging, endpoint=endpoint)
+            # $HF_ENDPOINT read now: huggingface_hub reads it once, when first imported
+            hf_hub_download(repo, filename, local_dir=staging,
+                            endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # the hub's download notes
         try:
             staging.rename(folder)

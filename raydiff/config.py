@@ -318,6 +318,23 @@ def _sit_s2_imagenet_lt_256() -> Config:
     )
 
 
+# SiT's larger networks (Ma et al. 2024, Table 1; patch 2): (depth, hidden size, heads).
+SIT_SIZES = {"b2": (12, 768, 12), "l2": (24, 1024, 16), "xl2": (28, 1152, 16)}
+
+
+def _sit_imagenet_lt_256(size: str) -> typing.Callable[[], Config]:
+    # Not a released run: the released S/2 recipe above with one of SiT's larger networks;
+    # everything else (data, objective, CCUA weights, optimiser, steps, sampler) unchanged.
+    def build() -> Config:
+        base = _sit_s2_imagenet_lt_256()
+        depth, hidden, heads = SIT_SIZES[size]
+        return dataclasses.replace(
+            base, preset=f"sit-{size}-imagenet-lt-256",
+            model=dataclasses.replace(base.model, depth=depth, hidden_size=hidden,
+                                      num_heads=heads))
+    return build
+
+
 def _sit_tiny() -> Config:
     # Not a paper recipe: a 2-block SiT of width 64 (patch 2, 64 tokens at 16 px) with flow
     # matching and CCUA, small enough to train on 2 CPU cores (tests, benchmarks).
@@ -339,6 +356,7 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
     "cifar32": _cifar32,
     "imagenet64": _imagenet64,
     "sit-s2-imagenet-lt-256": _sit_s2_imagenet_lt_256,
+    **{f"sit-{size}-imagenet-lt-256": _sit_imagenet_lt_256(size) for size in SIT_SIZES},
     "sit-tiny": _sit_tiny,
 }
 

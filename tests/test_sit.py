@@ -119,6 +119,28 @@ def test_sit_s2_has_the_released_size():
     assert abs(n + D * p * p * C + p * p * C - 33.0e6) / 33.0e6 < 0.005
 
 
+@pytest.mark.parametrize("preset,depth,hidden,heads,millions", [
+    ("sit-b2-imagenet-lt-256", 12, 768, 12, 130),
+    ("sit-l2-imagenet-lt-256", 24, 1024, 16, 458),
+    ("sit-xl2-imagenet-lt-256", 28, 1152, 16, 675)])
+def test_larger_sit_presets_have_dits_sizes_and_the_released_recipe(preset, depth, hidden, heads,
+                                                                    millions):
+    """B/2, L/2 and XL/2 (DiT's Table 1, SiT's networks): their parameter counts, with
+    learn_sigma's unused output half, are the published ones (in millions, as rounded there;
+    S/2's 33 M is checked above); every other setting is the released S/2 run's."""
+    cfg, s2 = config_lib.preset(preset), config_lib.preset("sit-s2-imagenet-lt-256")
+    m = cfg.model
+    assert (m.depth, m.hidden_size, m.num_heads, m.patch_size) == (depth, hidden, heads, 2)
+    n = count_parameters(build_model(m)) + hidden * 2 * 2 * 4 + 2 * 2 * 4
+    assert round(n / 1e6) == millions, n
+    assert cfg.preset == preset
+    same = ("depth", "hidden_size", "num_heads")
+    assert {k: v for k, v in cfg.model.__dict__.items() if k not in same} == {
+        k: v for k, v in s2.model.__dict__.items() if k not in same}
+    assert (cfg.diffusion, cfg.loss, cfg.optim, cfg.sample, cfg.train, cfg.latent) == (
+        s2.diffusion, s2.loss, s2.optim, s2.sample, s2.train, s2.latent)
+
+
 def test_sit_s2_preset_is_the_released_run():
     """ccua_N-4_brs0_1_160epoch.sh + train.py: SiT-S/2 on 32x32x4 latents, batch 48 on 4
     GPUs (UCL over one GPU's 12 rows), CCUA 0.05 / 0.05 with the data-end weight, BRS 0.1,

@@ -131,7 +131,8 @@ def test_larger_sit_presets_have_dits_sizes_and_the_released_recipe(preset, dept
     cfg, s2 = config_lib.preset(preset), config_lib.preset("sit-s2-imagenet-lt-256")
     m = cfg.model
     assert (m.depth, m.hidden_size, m.num_heads, m.patch_size) == (depth, hidden, heads, 2)
-    n = count_parameters(build_model(m)) + hidden * 2 * 2 * 4 + 2 * 2 * 4
+    with torch.device("meta"):  # shapes only: XL/2's 675 M weights are never allocated
+        n = count_parameters(build_model(m)) + hidden * 2 * 2 * 4 + 2 * 2 * 4
     assert round(n / 1e6) == millions, n
     assert cfg.preset == preset
     same = ("depth", "hidden_size", "num_heads")

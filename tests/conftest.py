@@ -99,15 +99,17 @@ def _cluster_pids(session_id: int, temp_dir: Path) -> list[int]:
     return pids
 
 
-def _stop_cluster(session_id: int, temp_dir: Path, grace_s: float = 5.0) -> None:
-    """`ray stop` for this cluster alone: `ray stop` itself ends every Ray on the machine."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _stop_cluster(session_id: int, temp_dir: Path, grace_s: float = 1.0) -> None:
+    """`ray stop` for this cluster alone: `ray stop` itself ends every Ray on the machine.
+    A test cluster has nothing to save: what has not exited a second after SIGTERM (some of
+    Ray's daemons take 5 s and more) is killed."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         for pid in _cluster_pids(session_id, temp_dir):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + wait_s
         while _cluster_pids(session_id, temp_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
 

@@ -21,7 +21,6 @@ generator); ``decode`` turns latents back into uint8 images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -118,32 +117,28 @@ def _download(name: str, cache: Path, download: bool, endpoint: str | None) -> P
     return folder
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_vae(folder: str | Path, device: str | torch.device = "cpu",
              sha256: str | None = None) -> tuple[torch.nn.Module, str]:
     """The AutoencoderKL of a resolved folder in eval mode, and its weights' sha256. With
     ``sha256``, weights that hash otherwise are refused."""
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from raydiff.storage import read_verified
 
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
-    digest = file_sha256(weights)
+    # read once: the bytes hashed are the bytes parsed
+    data, digest = read_verified(weights, what="VAE weights")
     if sha256 and digest != sha256:
         raise RaydiffError(f"VAE weights {weights} have sha256 {digest[:12]}..., not the "
                            f"{sha256[:12]}... this run was made with")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
         vae = AutoencoderKL.from_config(config)
-        state = load_file(str(weights))
-    except (OSError, ValueError, TypeError) as err:
+        state = load(data)
+    except (OSError, ValueError, TypeError, SafetensorError) as err:
         raise RaydiffError(f"cannot load the VAE in {folder}: "
                            f"{' '.join(str(err).split())[:200]}") from None
     # Hub files of older diffusers name attention weights query/key/value/proj_attn: the same

@@ -21,12 +21,12 @@ import torch
 from raydiff import config as config_lib
 from raydiff.data import parquet
 from raydiff.errors import RaydiffError
+from raydiff.storage import Folder
 from raydiff.vae import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LatentCodec,
     VaeIdentity,
-    file_sha256,
     resolve_vae,
     write_random_vae,
 )
@@ -169,7 +169,7 @@ def test_a_known_name_is_downloaded_once_into_the_cache(hub, vae_dir, tmp_path):
     folder = resolve_vae("sd-vae-ft-ema", cache=tmp_path, endpoint=url)
     assert folder == tmp_path / "sd-vae-ft-ema"
     assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
-    assert file_sha256(folder / WEIGHTS_FILE) == file_sha256(vae_dir / WEIGHTS_FILE)
+    assert Folder(folder).sha256([WEIGHTS_FILE]) == Folder(vae_dir).sha256([WEIGHTS_FILE])
     asked = len(hub.requests)
     assert asked >= 2
     assert resolve_vae("sd-vae-ft-ema", cache=tmp_path, endpoint=url) == folder
@@ -280,7 +280,7 @@ def test_latent_pipeline_end_to_end(ray_local, vae_dir, inception_weights, tmp_p
     asked = [*argv[1:], "--latent-dtype", "float32"]
     assert reuse_problem(str(data), options_from_args(cli.build_parser().parse_args(
         ["prepare", *asked])), info) == "it holds --latent-dtype float16, not float32"
-    sha = file_sha256(vae_dir / WEIGHTS_FILE)
+    sha = Folder(vae_dir).sha256([WEIGHTS_FILE])
     assert info.latent == parquet.LatentInfo(str(vae_dir), sha, 0.18215, 4, 16, "float16")
     assert json.loads((data / "dataset.json").read_text())["latent"]["vae_sha256"] == sha
     assert len(info.files["train"]) > 1  # rows from several shards came back to their files

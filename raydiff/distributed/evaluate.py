@@ -490,9 +490,8 @@ class _Generated:
 
 
 def _generated_side(job: EvalJob, manifest: dict, info: parquet.DatasetInfo,
-                    extractor: Extractor, name: str) -> _Generated:
-    groups = metrics_lib.class_groups(info.counts("train"))
-    shots = metrics_lib.shot_groups(info.counts("train"))
+                    groups: np.ndarray, shots: np.ndarray, extractor: Extractor,
+                    name: str) -> _Generated:
     classes = [int(c) for c in manifest["identity"]["classes"]]
     sets = accumulate.eval_sets(classes, groups, shots, job.groups)
     cells = accumulate.class_cells(info.num_classes, classes, groups, shots)
@@ -508,12 +507,10 @@ def _generated_side(job: EvalJob, manifest: dict, info: parquet.DatasetInfo,
     return _Generated(job, classes, sets, cells, per_class_stats, stream, pass_)
 
 
-def _result(gen: _Generated, info: parquet.DatasetInfo, extractor: Extractor,
-            cached: dict[str, CachedSplit], ran: list[FeaturePass],
+def _result(gen: _Generated, info: parquet.DatasetInfo, groups: np.ndarray, shots: np.ndarray,
+            extractor: Extractor, cached: dict[str, CachedSplit], ran: list[FeaturePass],
             seconds: dict[str, float]) -> dict:
     job = gen.job
-    groups = metrics_lib.class_groups(info.counts("train"))
-    shots = metrics_lib.shot_groups(info.counts("train"))
     ref = reference_stream(job, cached["reference"].rows, gen.cells, gen.per_class_stats)
     copy_from = (cached["train"].rows, cached["reference"].rows) if job.copying else None
     result = {
@@ -565,7 +562,9 @@ def run_evaluations(jobs: list[EvalJob]) -> list[dict]:
     check_extractor(extractor, info)
     runtime.init_ray(first.actors * first.cpus_per_actor)
     start = time.monotonic()
-    sides = [_generated_side(job, manifest, info, extractor,
+    groups = metrics_lib.class_groups(info.counts("train"))
+    shots = metrics_lib.shot_groups(info.counts("train"))
+    sides = [_generated_side(job, manifest, info, groups, shots, extractor,
                              "generated" if len(jobs) == 1 else f"generated ({job.samples})")
              for job, (manifest, _) in zip(jobs, checked)]
     # one Ray Data execution for every job's samples and every reference split not cached
@@ -577,7 +576,7 @@ def run_evaluations(jobs: list[EvalJob]) -> list[dict]:
     results = []
     for side in sides:
         started, seconds = time.monotonic(), {"features": round(features_seconds, 2)}
-        result = _result(side, info, extractor, cached, ran, seconds)
+        result = _result(side, info, groups, shots, extractor, cached, ran, seconds)
         seconds["metrics"] = round(time.monotonic() - started, 2)
         _write_outputs(Folder(side.job.out or side.job.samples), result)
         results.append(result)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.integrate import quad
+from test_losses import SpyModel
 from test_sit import random_sit
-from torch import nn
 
 from raydiff.config import LossConfig, SampleConfig
 from raydiff.flow import FlowMatching
@@ -188,21 +188,12 @@ def test_ccua_on_sit_equals_the_released_formula():
     assert set(terms) == {"loss", "flow", "ucl", "al"}
 
 
-class LabelVelocity(nn.Module):
+class LabelVelocity(SpyModel):
     """v = the label, everywhere; features = the label one-hot (so every unconditional row
     has the same features). Records every forward."""
 
-    null_label = 4
-
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(()))
-        self.calls: list[torch.Tensor] = []
-
-    def forward(self, x, t, y, return_features=False):
-        self.calls.append(y.clone())
-        out = self.scale * y.float().reshape(-1, 1, 1, 1).expand_as(x)
-        return (out, F.one_hot(y, 5).float()) if return_features else out
+    def features(self, x, y):
+        return F.one_hot(y, 5).float()
 
 
 @pytest.mark.parametrize("end", ["data", "noise"])

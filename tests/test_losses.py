@@ -119,11 +119,13 @@ class SpyModel(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
         self.calls: list[torch.Tensor] = []
 
+    def features(self, x, y):
+        return torch.cat([x.flatten(1), y.float()[:, None]], dim=1)
+
     def forward(self, x, t, y, return_features=False):
         self.calls.append(y.clone())
         eps = self.scale * y.float().reshape(-1, 1, 1, 1).expand_as(x)
-        features = torch.cat([x.flatten(1), y.float()[:, None]], dim=1)
-        return (eps, features) if return_features else eps
+        return (eps, self.features(x, y)) if return_features else eps
 
 
 def _losses(cfg: LossConfig, B: int = 16, seed: int = 0):

@@ -206,6 +206,7 @@ class ShardActor:
 
     def __init__(self, runs: list[dict]):
         self.runs = runs
+        self.folders = [Folder(spec["out"]) for spec in runs]  # opened once, not per shard
         self.current: tuple[int, SampleActor] | None = None
 
     def sampler(self, run: int) -> SampleActor:
@@ -226,7 +227,7 @@ class ShardActor:
             label, seed = plan.labels(index), plan.seeds(index)
             columns = {"index": index, "label": label, "seed": seed,
                        "image": sampler.png(index, label, seed)}
-            sizes[k] = write_shard(Folder(spec["out"]), shard, columns, start, stop)
+            sizes[k] = write_shard(self.folders[run], shard, columns, start, stop)
             images[k] = stop - start
         return {"run": runs.copy(), "shard": shards.copy(), "images": images, "bytes": sizes}
 

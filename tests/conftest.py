@@ -53,10 +53,49 @@ CIFAR_ROW_BYTES = 3 * 32 * 32
 RAY_FIXTURES = {"ray_head", "ray_local", "ray_dashboard_url", "autoscaling_head"}
 
 
+# The suite runs on two pytest workers (`-n 2 --dist loadgroup`, pyproject.toml), each with
+# its own session cluster. A module is one unit of work, so its module fixtures (a shared run,
+# a sample folder) are made once; modules that share a session fixture made by a job are one
+# unit too. Units start longest first (as measured on the 2-core machine), so that both
+# workers end at about the same time.
+SAME_UNIT = {"test_s3": "test_jobs"}  # both read the session's training job in the bucket
+LONGEST_FIRST = ["test_study", "test_train", "test_autoscaling", "test_tune", "test_jobs",
+                 "test_engine", "test_classify", "test_evaluate", "test_latents", "test_demo",
+                 "test_sample"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(SAME_UNIT.get(module, module)))
+
+    def rank(item):
+        unit = SAME_UNIT.get(item.module.__name__, item.module.__name__)
+        return LONGEST_FIRST.index(unit) if unit in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module and among the rest is kept
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_reserved(request):
+    """After a test on the session cluster, every placement group it made is removed (within
+    30 s: Ray Train removes a finished run's group, and its cleaner the group of a run whose
+    controller was killed). CPUs a test leaves reserved would make a later test wait forever."""
+    yield
+    if not RAY_FIXTURES & set(request.fixturenames):
+        return
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 30
+    while held := [pg for pg, info in ray.util.placement_group_table().items()
+                   if info["state"] != "REMOVED"]:
+        if time.monotonic() > deadline:
+            pytest.fail(f"placement groups still reserved 30 s after the test: {held}")
+        time.sleep(0.2)
 
 
 def _free_port() -> int:
@@ -114,6 +153,19 @@ def _stop_cluster(session_id: int, temp_dir: Path, grace_s: float = 1.0) -> None
             time.sleep(0.2)
 
 
+def _cluster_environment(dashboard_port: int) -> dict[str, str]:
+    """The environment of a test cluster's `ray start`, which all its processes inherit.
+
+    Ray Train's placement-group cleaner (an actor of every run) asks the state API whether its
+    run's controller lives. Without an address it finds the API by scanning the machine for
+    Ray instances, which fails while another runs beside this one (a second pytest worker's,
+    the autoscaling test's, a test's own): its check then dies and the placement group of a
+    run whose controller was killed (a trial stopped by ASHA, a killed driver) stays reserved,
+    and a later test waits forever for those CPUs. `raydiff`'s own local Ray does the same
+    (``runtime.init_ray``)."""
+    return {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+
+
 @dataclass(frozen=True)
 class RayHead:
     gcs_address: str  # what `ray.init(address=...)` and RAY_ADDRESS take
@@ -139,7 +191,8 @@ def ray_head() -> RayHead:
     ]
     # A session of its own (its id = its pid): the daemons it leaves behind stay in it.
     starter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True,
+                               env=_cluster_environment(dashboard_port))
     try:
         output = starter.communicate(timeout=300)[0]
         if starter.returncode != 0:
@@ -204,7 +257,8 @@ def autoscaling_head() -> AutoscalingHead:
         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = {**_cluster_environment(dashboard_port), "RAY_FAKE_CLUSTER": "1",
+           "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     starter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True, env=env)
     try:

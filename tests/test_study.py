@@ -128,6 +128,21 @@ def test_a_study_refuses_to_resume_with_other_settings(tmp_path, shapes16_tiny):
                             name="t"))
 
 
+def test_a_tune_folder_killed_before_its_first_trial_starts_afresh(tmp_path):
+    """Tune writes tuner.pkl before any experiment state: a study or search whose driver was
+    killed in between is started afresh (Tune's restore of it ran one trial with an empty
+    config, and every rerun failed), and resumed once the state exists."""
+    from ray import tune
+
+    from raydiff.distributed.runtime import tune_can_resume
+
+    (tmp_path / "tuner.pkl").write_bytes(b"")
+    assert tune.Tuner.can_restore(str(tmp_path)) and not tune_can_resume(str(tmp_path))
+    (tmp_path / "experiment_state-2026-12-03_23-20-26.json").write_text("{}")
+    assert tune_can_resume(str(tmp_path))
+    assert not tune_can_resume(str(tmp_path / "never-started"))
+
+
 STUDY_ARGS = ["--preset", "tiny", "--methods", "ddpm", "ccua", "--seeds", "0,1",
               "--steps", "6", "--per-class", "4", "--no-download",
               "--set", "optim.batch_size=16", "--set", "optim.warmup_steps=2",

@@ -461,6 +461,20 @@ def stop_on_error(runlog, error: Exception) -> dict[str, str]:
     return {"error": str(error)}
 
 
+def tune_can_resume(location: str) -> bool:
+    """Whether Tune left an experiment to resume at ``location`` (a folder or a URI).
+
+    Tune writes ``tuner.pkl`` first and its experiment state only once trials exist; a driver
+    killed in between leaves a folder ``Tuner.can_restore`` accepts, whose restore runs one
+    trial with an empty config. Such a folder starts afresh."""
+    from ray import tune
+
+    from raydiff.storage import Folder
+
+    return (tune.Tuner.can_restore(location)
+            and bool(Folder(location).names(pattern="experiment_state-*.json")))
+
+
 def fit(trainer):
     """Run a trainer; a failure or a worker's error stop becomes one RaydiffError line."""
     import ray.train

@@ -40,7 +40,7 @@ from raydiff.data.prepare import builtin_dataset
 from raydiff.distributed import runtime
 from raydiff.distributed.demo import feature_classifier
 from raydiff.distributed.evaluate import METRICS_FILE, EvalJob, run_evaluations
-from raydiff.distributed.runtime import find_latest_checkpoint, latest_step
+from raydiff.distributed.runtime import find_latest_checkpoint, latest_step, tune_can_resume
 from raydiff.distributed.sample import SampleJob, run_samplings
 from raydiff.distributed.train import (
     TrainJob,
@@ -231,7 +231,7 @@ def train_all(job: StudyJob) -> None:
             "study": job, "job": shared_split(train_job, info), "info": info}),
         {"CPU": _DRIVER_CPU})
     path = str(job.dir.resolve())
-    if tune.Tuner.can_restore(path):
+    if tune_can_resume(path):
         logger.info("resuming the training grid of study %s", job.name)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:

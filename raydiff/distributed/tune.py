@@ -327,7 +327,7 @@ def build_tuner(job: SearchJob, restore: bool, checked: tuple):
         tune.with_parameters(trial_driver, setup={"job": train_job, "info": info}),
         {"CPU": _DRIVER_CPU})
     path = job.location
-    if restore and tune.Tuner.can_restore(path):
+    if restore and runtime.tune_can_resume(path):
         logger.info("resuming the search at %s", path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     reports = max(1, job.max_steps // job.eval_every)

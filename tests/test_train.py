@@ -43,20 +43,17 @@ def read_metrics(storage: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"RayTrainWorker" in cmdline:
-                pids.append(int(entry.name))
-    return pids
+def _train_worker_pids(dashboard_url: str) -> list[int]:
+    """The Ray Train worker processes of this cluster, as its state API lists them (the other
+    pytest worker's cluster on the same machine runs its own)."""
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(address=dashboard_url, filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
-def test_two_workers_train_in_sync_and_a_killed_worker_resumes(ray_local, shapes16, tmp_path):
+def test_two_workers_train_in_sync_and_a_killed_worker_resumes(ray_local, ray_dashboard_url,
+                                                               shapes16, tmp_path):
     # One run shows both: DDP over 2 CPU workers, and a worker process killed mid-run
     # (SIGKILL, not a Python exception) that resumes from the last checkpoint. Its split
     # streams through Ray Data (a split too large to hold in memory would); every other test
@@ -72,7 +69,7 @@ def test_two_workers_train_in_sync_and_a_killed_worker_resumes(ray_local, shapes
                and latest_step(str(tmp_path), "fault") >= 20):
         assert time.monotonic() < deadline and thread.is_alive(), "run never reached step 25"
         time.sleep(0.2)
-    pids = _train_worker_pids()
+    pids = _train_worker_pids(ray_dashboard_url)
     assert pids, "no RayTrainWorker process found"
     os.kill(pids[-1], signal.SIGKILL)  # a real process death, not a Python exception
     thread.join(timeout=600)

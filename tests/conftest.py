@@ -53,8 +53,8 @@ CIFAR_ROW_BYTES = 3 * 32 * 32
 RAY_FIXTURES = {"ray_head", "ray_local", "ray_dashboard_url", "autoscaling_head"}
 
 
-# The suite runs on two pytest workers (`-n 2 --dist loadgroup`, pyproject.toml), each with
-# its own session cluster. A module is one unit of work, so its module fixtures (a shared run,
+# With `-n 2 --dist loadgroup --no-loadscope-reorder` the suite runs on two pytest workers, each
+# with its own session cluster. A module is one unit of work, so its module fixtures (a shared run,
 # a sample folder) are made once; modules that share a session fixture made by a job are one
 # unit too. Units start longest first (as measured on the 2-core machine), so that both
 # workers end at about the same time.

@@ -69,14 +69,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(SAME_UNIT.get(module, module)))
+    if not getattr(config.option, "loadgroup", False):  # set by xdist for --dist loadgroup
+        return  # one process: the modules run in their usual order
 
-    def rank(item):
-        unit = SAME_UNIT.get(item.module.__name__, item.module.__name__)
-        return LONGEST_FIRST.index(unit) if unit in LONGEST_FIRST else len(LONGEST_FIRST)
+    def unit(item):
+        return SAME_UNIT.get(item.module.__name__, item.module.__name__)
 
-    items.sort(key=rank)  # stable: the order within a module and among the rest is kept
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit(item)))
+    # stable: the order within a module and among the rest is kept
+    items.sort(key=lambda item: LONGEST_FIRST.index(unit(item)) if unit(item) in LONGEST_FIRST
+               else len(LONGEST_FIRST))
 
 
 @pytest.fixture(autouse=True)

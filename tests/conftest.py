@@ -97,15 +97,16 @@ def _nothing_left_reserved(request):
     controller was killed). CPUs a test leaves reserved would make a later test wait forever.
 
     Only groups made during the test count. A group whose creating job has ended is Ray's to
-    remove, not raydiff's (raydiff makes no detached groups): one such group outlived its
-    killed driver once in a full run (the study test's, job 08, state CREATED for the rest of
-    the session), which then failed every later test. Such a group is removed here with a
-    warning; a group of a job still alive (this process's) fails the test."""
+    remove, not raydiff's (raydiff makes no detached groups): once in a full run such a group
+    (of job 08, a driver subprocess of the study test, which SIGKILLs its driver and reruns it)
+    stayed reserved for the rest of the session and failed every later test. Such a group is
+    removed here with a warning; a group of a job still alive (this process's) fails the test."""
+    if not RAY_FIXTURES & set(request.fixturenames):
+        yield
+        return
     ray = sys.modules.get("ray")
     before = set(_reserved_placement_groups(ray)) if ray and ray.is_initialized() else set()
     yield
-    if not RAY_FIXTURES & set(request.fixturenames):
-        return
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return

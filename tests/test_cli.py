@@ -132,6 +132,27 @@ def test_data_without_a_preset_of_its_size_is_refused(tmp_path, cli_error):
     assert "no preset is made for 24 px data" in line and "--preset" in line
 
 
+VERBOSE_LEVELS = """
+import logging, sys
+from raydiff import cli
+assert cli.main(sys.argv[1:] + ["config", "--preset", "tiny"]) == 0
+print(logging.getLogger("raydiff.data").isEnabledFor(logging.DEBUG),
+      logging.getLogger("PIL.PngImagePlugin").isEnabledFor(logging.DEBUG),
+      logging.getLogger("PIL.PngImagePlugin").isEnabledFor(logging.INFO))
+"""
+
+
+@pytest.mark.parametrize("flags, levels", [([], "False False True"),
+                                           (["-v"], "True False True")])
+def test_verbose_is_raydiffs_debug_logging_not_every_librarys(flags, levels):
+    # a process of its own: logging is configured once per process, and pytest's own
+    # handlers on the root logger would make the CLI's configuration a no-op here
+    done = subprocess.run([sys.executable, "-c", VERBOSE_LEVELS, *flags], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == levels
+
+
 def test_verbose_shows_the_traceback_behind_the_error_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RAYDIFF_VERBOSE", "0")  # -v sets it; restored after the test
     argv = ["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x"),

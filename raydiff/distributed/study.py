@@ -244,7 +244,8 @@ def train_all(job: StudyJob) -> None:
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=job.name, storage_path=str(job.dir.parent.resolve()),
                                       failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
+    with runtime.releasing_placement_groups():
+        grid = tuner.fit()
     failed = [f"{r.config.get('variant')}-seed{r.config.get('seed')}: {r.error}"
               for r in grid if r.error]
     if failed:

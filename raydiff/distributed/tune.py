@@ -373,7 +373,8 @@ def run_search(job: SearchJob) -> dict[str, Any]:
     train_job.scaling.check()
     tuner = build_tuner(job, restore=True, checked=(train_job, info, spec, metric))
     record_objective(job, spec, metric)
-    grid = tuner.fit()
+    with runtime.releasing_placement_groups():
+        grid = tuner.fit()
     return write_results(grid, job, metric)
 
 

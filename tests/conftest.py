@@ -83,13 +83,6 @@ def pytest_collection_modifyitems(config, items):
                else len(LONGEST_FIRST))
 
 
-def _reserved_placement_groups(ray) -> dict[str, str]:
-    """Placement groups not yet removed, each with the hex id of the job that created it (the
-    id's last 8 hex digits)."""
-    return {pg: pg[-8:] for pg, info in ray.util.placement_group_table().items()
-            if info["state"] != "REMOVED"}
-
-
 @pytest.fixture(autouse=True)
 def _nothing_left_reserved(request):
     """After a test on the session cluster, every placement group it made is removed (within
@@ -104,24 +97,26 @@ def _nothing_left_reserved(request):
     if not RAY_FIXTURES & set(request.fixturenames):
         yield
         return
+    from raydiff.distributed.runtime import (
+        remove_placement_group_by_id,
+        reserved_placement_groups,
+    )
+
     ray = sys.modules.get("ray")
-    before = set(_reserved_placement_groups(ray)) if ray and ray.is_initialized() else set()
+    before = set(reserved_placement_groups()) if ray and ray.is_initialized() else set()
     yield
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
     deadline = time.monotonic() + 30
-    while held := {pg: job for pg, job in _reserved_placement_groups(ray).items()
+    while held := {pg: job for pg, job in reserved_placement_groups().items()
                    if pg not in before}:
         if time.monotonic() > deadline:
             ended = {job["JobID"] for job in ray._private.state.state.job_table()
                      if job["IsDead"]}
             orphans = [pg for pg, job in held.items() if job in ended]
-            from ray.util.placement_group import PlacementGroup
-
             for pg in orphans:
-                ray.util.remove_placement_group(
-                    PlacementGroup(ray.PlacementGroupID.from_hex(pg)))
+                remove_placement_group_by_id(pg)
             if orphans:
                 warnings.warn(f"removed placement groups of ended jobs that Ray kept: {orphans}",
                               stacklevel=2)

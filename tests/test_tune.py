@@ -182,9 +182,8 @@ def test_search_stops_weak_trials_and_writes_a_usable_best_config(
 
 @pytest.mark.slow
 def test_placement_groups_made_during_a_search_are_released_after_it(ray_local, caplog):
-    # A group left reserved by a trial whose Train run's cleaner failed, in miniature: made
-    # inside the block and never removed by its maker. One made before the block is not the
-    # search's and stays.
+    # A group a search's trials left reserved, in miniature: made inside the block and never
+    # removed by its maker. One made before the block is not the search's and stays.
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from raydiff.distributed.runtime import releasing_placement_groups

@@ -479,6 +479,23 @@ def tune_can_resume(location: str) -> bool:
             and bool(Folder(location).names(pattern="experiment_state-*.json")))
 
 
+def reserved_placement_groups() -> dict[str, str]:
+    """Placement groups not yet removed: hex id -> hex id of the job that made it (a group's
+    id ends with its job's)."""
+    import ray
+
+    return {pg: pg[-8:] for pg, info in ray.util.placement_group_table().items()
+            if info["state"] != "REMOVED"}
+
+
+def remove_placement_group_by_id(pg: str) -> None:
+    """Remove a placement group by its hex id, freeing what it reserved."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg)))
+
+
 @contextlib.contextmanager
 def releasing_placement_groups(wait_s: float = 10.0):
     """Every placement group this driver's job makes inside the block is gone after it.
@@ -486,17 +503,15 @@ def releasing_placement_groups(wait_s: float = 10.0):
     A Tune trial that ends, or that a scheduler stops, takes its Ray Train run's controller
     with it; Ray Train's cleaner actor then removes the run's placement group once the state
     API says the controller is dead. When that does not happen, the group keeps its CPUs
-    reserved for as long as the driver lives (seen once in about a dozen full test runs, at
-    the end of an ASHA search run in the test process). Groups made in the block and still
-    reserved ``wait_s`` after it are removed here, with a warning that names them."""
+    reserved for as long as the driver lives (seen once in a full test run, at the end of an
+    ASHA search run in the test process). Groups made in the block and still reserved
+    ``wait_s`` after it are removed here, with a warning that names them."""
     import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    job = ray.get_runtime_context().get_job_id()  # a group's id ends with its job's
+    job = ray.get_runtime_context().get_job_id()
 
     def reserved() -> set[str]:
-        return {pg for pg, info in ray.util.placement_group_table().items()
-                if info["state"] != "REMOVED" and pg.endswith(job)}
+        return {pg for pg, owner in reserved_placement_groups().items() if owner == job}
 
     before = reserved()
     try:
@@ -508,7 +523,7 @@ def releasing_placement_groups(wait_s: float = 10.0):
         logger.debug("placement groups of the block: %d still reserved after %.1f s",
                      len(left), time.monotonic() - start)
         for pg in sorted(left):
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg)))
+            remove_placement_group_by_id(pg)
         if left:
             logger.warning("removed %d placement group(s) still reserved %.0f s after the "
                            "trials ended: %s", len(left), wait_s, ", ".join(sorted(left)))

@@ -8,8 +8,14 @@ this machine, however its tests are spread over processes (``pytest -n``): a sui
 tests need C CPU-seconds cannot end in less than C / cores seconds. Nothing else should run
 on the machine meanwhile; what does is counted too.
 
+With ``--processes`` a thread also reads every process's CPU time in ``/proc`` four times a
+second and adds it up by kind of process (Ray Train's controller, its workers, Ray's daemons,
+the C++ compiler torch's inductor runs, ...): where the CPU-seconds go. A process that starts
+and ends between two readings is missed (the table says how much of the machine's busy time
+it covers), and the readings themselves cost about 1 % of a core.
+
     python benchmarks/suite_cost.py --top 25
-    python benchmarks/suite_cost.py -- -m "not slow"
+    python benchmarks/suite_cost.py --processes -- -m "not slow"
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,9 +53,89 @@ class Recorder:
         self.rows.append((item.nodeid, time.perf_counter() - start, busy_cpu_seconds() - cpu))
 
 
+# Kinds of process, by the first pattern their command line (``ray::`` titles included) matches.
+KINDS = [
+    ("Ray Train workers", r"^ray::RayTrainWorker"),
+    ("Ray Train controllers", r"^ray::TrainController"),
+    ("Ray Train placement-group cleaners", r"^ray::PlacementGroupCleaner"),
+    ("Ray Train dataset managers", r"^ray::DatasetManager"),
+    ("Ray Train synchronization actors", r"^ray::SynchronizationActor"),
+    ("Ray Tune trial actors", r"^ray::(ImplicitFunc|_QueueActor)"),
+    ("Ray job supervisors", r"^ray::JobSupervisor"),
+    ("Ray workers started, never given work", r"^ray::IDLE"),
+    ("Ray's daemons (GCS, raylet, dashboard, agents, monitors)",
+     r"gcs_server|raylet|^ray::(DashboardAgent|RuntimeEnvAgent)|ray-dashboard|dashboard\.py|"
+     r"agent\.py|monitor\.py|ray\.util\.client\.server|runtime_env/agent"),
+    ("other Ray actors and tasks (Ray Data's operators, ...)", r"^ray::"),
+    ("Ray workers starting (no title yet)", r"default_worker\.py|setup_worker\.py"),
+    ("ray command line (ray start, ray job)", r"-m ray\.scripts\.scripts"),
+    ("raydiff and job drivers in subprocesses", r"raydiff|jobs/\w+\.py|python\S* -c"),
+    ("C++ compiler and linker (torch inductor)", r"^(\S*/)?(cc1plus|g\+\+|c\+\+|gcc|cc|as|ld|collect2)\b"),
+    ("S3 server (moto)", r"moto"),
+]
+
+
+class ProcessSampler:
+    """Every process's CPU time, read from ``/proc`` every ``interval`` s in a thread, summed
+    by kind (``KINDS``; this process is ``pytest``) once ``stop`` is called."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self._stop = interval, threading.Event()
+        self._seen: dict[tuple[int, str], list] = {}  # (pid, start) -> [title, cpu, cpu at start]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.machine = busy_cpu_seconds()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _read(self, first: bool) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            title = " ".join(a.decode(errors="replace") for a in argv if a)
+            seen = self._seen.setdefault((int(entry), fields[19]), ["", 0.0, cpu if first else 0.0])
+            # A Ray worker's title names its work, and turns back to IDLE between tasks;
+            # an exiting process has none.
+            working = seen[0].startswith("ray::") and seen[0] != "ray::IDLE"
+            if title and not (working and title == "ray::IDLE"):
+                seen[0] = title
+            elif not seen[0]:
+                seen[0] = stat[stat.index("(") + 1:stat.rindex(")")]
+            seen[1] = cpu
+
+    def _run(self) -> None:
+        self._read(first=True)
+        while not self._stop.wait(self.interval):
+            self._read(first=False)
+
+    def stop(self) -> tuple[float, dict[str, list[float]]]:
+        """(machine busy CPU-s meanwhile, {kind: [CPU-s, processes]})."""
+        self._stop.set()
+        self._thread.join()
+        machine = busy_cpu_seconds() - self.machine
+        kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+        for (pid, _), (title, cpu, at_start) in self._seen.items():
+            kind = "pytest (this process)" if pid == os.getpid() else next(
+                (name for name, pattern in KINDS if re.search(pattern, title)), "other")
+            if cpu - at_start > 0:
+                kinds[kind][0] += cpu - at_start
+                kinds[kind][1] += 1
+        return machine, kinds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--top", type=int, default=20, help="tests listed, by CPU time")
+    parser.add_argument("--processes", action="store_true",
+                        help="also sum CPU time by kind of process, read from /proc")
     parser.add_argument("pytest_args", nargs="*", help="after --: arguments for pytest")
     args = parser.parse_args()
     if not Path("/proc/stat").is_file():
@@ -55,6 +143,9 @@ def main() -> int:
         return 2
     os.chdir(REPO)
     recorder = Recorder()
+    sampler = ProcessSampler() if args.processes else None
+    if sampler:
+        sampler.start()
     start = time.perf_counter()
     code = pytest.main(["-q", "-p", "no:cacheprovider", *args.pytest_args], plugins=[recorder])
     wall = time.perf_counter() - start
@@ -76,6 +167,13 @@ def main() -> int:
     for module, (seconds, used) in sorted(modules.items(), key=lambda kv: -kv[1][1]):
         if used >= 1:
             print(f"{seconds:7.1f} {used:7.1f} {used / max(seconds, 1e-9):5.2f}  {module}")
+    if sampler:
+        machine, kinds = sampler.stop()
+        total = sum(used for used, _ in kinds.values())
+        print(f"\n{'CPU s':>7} {'share':>6} {'procs':>6}  kind of process ({total:.1f} CPU-s read "
+              f"from /proc, {total / machine:.0%} of the machine's {machine:.1f} busy CPU-s)")
+        for kind, (used, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+            print(f"{used:7.1f} {used / total:6.1%} {count:6d}  {kind}")
     return int(code)
 
 

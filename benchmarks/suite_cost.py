@@ -12,7 +12,8 @@ With ``--processes`` a thread also reads every process's CPU time in ``/proc`` f
 second and adds it up by kind of process (Ray Train's controller, its workers, Ray's daemons,
 the C++ compiler torch's inductor runs, ...): where the CPU-seconds go. A process that starts
 and ends between two readings is missed (the table says how much of the machine's busy time
-it covers), and the readings themselves cost about 1 % of a core.
+it covers). The readings cost this process about 2% of a core with 70 processes running,
+and more with more.
 
     python benchmarks/suite_cost.py --top 25
     python benchmarks/suite_cost.py --processes -- -m "not slow"

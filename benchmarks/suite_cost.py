@@ -12,8 +12,9 @@ With ``--processes`` a thread also reads every process's CPU time in ``/proc`` f
 second and adds it up by kind of process (Ray Train's controller, its workers, Ray's daemons,
 the C++ compiler torch's inductor runs, ...): where the CPU-seconds go. A process that starts
 and ends between two readings is missed (the table says how much of the machine's busy time
-it covers). The readings cost this process about 2% of a core with 70 processes running,
-and more with more.
+it covers). A second table splits the Ray actors and tasks of no kind of their own by their
+titles (``ray::MapWorker(MapBatches(FeatureActor))`` is one of Ray Data's actors). The
+readings cost this process about 2% of a core with 70 processes running, and more with more.
 
     python benchmarks/suite_cost.py --top 25
     python benchmarks/suite_cost.py --processes -- -m "not slow"
@@ -54,6 +55,7 @@ class Recorder:
         self.rows.append((item.nodeid, time.perf_counter() - start, busy_cpu_seconds() - cpu))
 
 
+OTHER_RAY = "other Ray actors and tasks (Ray Data's operators, ...)"
 # Kinds of process, by the first pattern their command line (``ray::`` titles included) matches.
 KINDS = [
     ("Ray Train workers", r"^ray::RayTrainWorker"),
@@ -67,7 +69,7 @@ KINDS = [
     ("Ray's daemons (GCS, raylet, dashboard, agents, monitors)",
      r"gcs_server|raylet|^ray::(DashboardAgent|RuntimeEnvAgent)|ray-dashboard|dashboard\.py|"
      r"agent\.py|monitor\.py|ray\.util\.client\.server|runtime_env/agent"),
-    ("other Ray actors and tasks (Ray Data's operators, ...)", r"^ray::"),
+    (OTHER_RAY, r"^ray::"),
     ("Ray workers starting (no title yet)", r"default_worker\.py|setup_worker\.py"),
     ("ray command line (ray start, ray job)", r"-m ray\.scripts\.scripts"),
     ("raydiff and job drivers in subprocesses", r"raydiff|jobs/\w+\.py|python\S* -c"),
@@ -117,19 +119,25 @@ class ProcessSampler:
         while not self._stop.wait(self.interval):
             self._read(first=False)
 
-    def stop(self) -> tuple[float, dict[str, list[float]]]:
-        """(machine busy CPU-s meanwhile, {kind: [CPU-s, processes]})."""
+    def stop(self) -> tuple[float, dict[str, list[float]], dict[str, list[float]]]:
+        """(machine busy CPU-s meanwhile, {kind: [CPU-s, processes]}, {title: [CPU-s,
+        processes]} of the processes of kind ``OTHER_RAY``, titles with their numbers as N)."""
         self._stop.set()
         self._thread.join()
         machine = busy_cpu_seconds() - self.machine
         kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+        titles: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
         for (pid, _), (title, cpu, at_start) in self._seen.items():
             kind = "pytest (this process)" if pid == os.getpid() else next(
                 (name for name, pattern in KINDS if re.search(pattern, title)), "other")
             if cpu - at_start > 0:
                 kinds[kind][0] += cpu - at_start
                 kinds[kind][1] += 1
-        return machine, kinds
+                if kind == OTHER_RAY:  # which actor or task: Ray Data names its operators
+                    short = re.sub(r"\d+", "N", title.split(" ")[0])
+                    titles[short][0] += cpu - at_start
+                    titles[short][1] += 1
+        return machine, kinds, titles
 
 
 def main() -> int:
@@ -169,12 +177,15 @@ def main() -> int:
         if used >= 1:
             print(f"{seconds:7.1f} {used:7.1f} {used / max(seconds, 1e-9):5.2f}  {module}")
     if sampler:
-        machine, kinds = sampler.stop()
+        machine, kinds, titles = sampler.stop()
         total = sum(used for used, _ in kinds.values())
         print(f"\n{'CPU s':>7} {'share':>6} {'procs':>6}  kind of process ({total:.1f} CPU-s read "
               f"from /proc, {total / machine:.0%} of the machine's {machine:.1f} busy CPU-s)")
         for kind, (used, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
             print(f"{used:7.1f} {used / total:6.1%} {count:6d}  {kind}")
+        print(f"\n{'CPU s':>7} {'procs':>6}  {OTHER_RAY.split(' (')[0]}, by title (top 10)")
+        for title, (used, count) in sorted(titles.items(), key=lambda kv: -kv[1][0])[:10]:
+            print(f"{used:7.1f} {count:6d}  {title[:100]}")
     return int(code)
 
 
